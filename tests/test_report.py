@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hone.eval.metrics import INVALID
-from hone.eval.report import confusion_grid, read_loss_series, verdict, write_report
+from hone.eval.report import _rolling_mean, confusion_grid, read_loss_series, verdict, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LABELS = ["billing", "card_arrival", "refund"]
@@ -47,7 +47,8 @@ def _write_metrics(run_dir, rows):
 
 def _curve_rows(steps=120, val_every=20):
     rows = [{"step": s, "split": "train", "loss": 2.5 / (1 + 0.05 * s), "lr": 1e-4} for s in range(1, steps + 1)]
-    rows += [{"step": s, "split": "validation", "loss": 2.6 / (1 + 0.04 * s)} for s in range(val_every, steps + 1, val_every)]
+    rows += [{"step": s, "split": "validation", "loss": 2.6 / (1 + 0.04 * s)}
+             for s in range(val_every, steps + 1, val_every)]
     rows.append({"step": steps, "split": "validation", "event": "no loss here"})  # ignored: no "loss"
     return rows
 
@@ -81,7 +82,7 @@ def test_full_label_report(run_dir):
     assert 'src="plots/' not in page
     assert "<details>" in page and "lora:" in page
     md = paths["md"].read_text()
-    assert md.splitlines()[2] == f"**{expected.replace('>', '&gt;')}**"
+    assert md.splitlines()[2] == f"**{expected}**"
     assert "![loss curves](plots/loss.png)" in md and "```yaml\nmodel:" in md
 
 
@@ -131,7 +132,8 @@ def test_no_metrics_file_no_validation_rows(tmp_path):
     paths = write_report(tmp_path / "empty", INFO)
     assert "loss_plot" not in paths and "Loss curves" not in paths["html"].read_text()
     _write_metrics(tmp_path / "trainonly", [{"step": 1, "split": "train", "loss": 2.0}, {"step": 2, "split": "train"}])
-    (tmp_path / "trainonly" / "metrics.jsonl").open("a").write('{"step": 3, "split": "tra')  # killed mid-write
+    with (tmp_path / "trainonly" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "split": "tra')  # a run killed mid-write leaves a partial line
     paths = write_report(tmp_path / "trainonly", INFO)
     _assert_png(paths["loss_plot"])
     assert read_loss_series(tmp_path / "trainonly" / "metrics.jsonl") == {"train": [(1, 2.0)], "validation": []}
@@ -205,3 +207,8 @@ def test_many_labels_confusion(tmp_path):
     info["eval"].update(labels=labels, tuned_confusion=confusion, examples=[])
     paths = write_report(tmp_path / "many", info)
     _assert_png(paths["confusion_plot"])
+
+
+def test_rolling_mean_is_centred_and_shrinks_at_edges():
+    values = [1.0, 2.0, 3.0, 4.0, 10.0]
+    assert list(_rolling_mean(values, 3)) == pytest.approx([1.5, 2.0, 3.0, 17 / 3, 7.0])

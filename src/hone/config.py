@@ -53,7 +53,9 @@ class DataConfig(Section):
 class LoraConfig(Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "Dropout on the LoRA input. 0 by default: on CPU its random mask costs about a third of the forward "
+        "pass, and short fine-tunes rarely gain from it."))
     target_modules: str | list[str] = Field("all-linear", description="Modules to adapt: 'all-linear' or a list of names.")
 
 

@@ -16,7 +16,6 @@ report must never turn a finished training run into a crash. Plots use matplotli
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 import re
@@ -24,8 +23,12 @@ from importlib import resources
 from pathlib import Path
 
 import jinja2
+import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from hone.eval.metrics import INVALID, exact_match, label_key, match_label, token_f1
 
@@ -34,7 +37,7 @@ LOWER_IS_BETTER = ("seconds", "perplexity", "invalid", "loss")
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "exact_match": "exact match",
                 "token_f1": "token F1", "seconds": "eval seconds", "invalid": "invalid answers"}
 PLOT_FILES = {"loss_plot": "loss.png", "base_vs_tuned_plot": "base_vs_tuned.png", "confusion_plot": "confusion.png"}
-MAX_EXAMPLES = 8
+MAX_EXAMPLES = 50  # the caller picks how many to show; this only bounds the page size
 BASE_COLOR, TUNED_COLOR = "#9aa5b1", "#2b6cb0"
 
 
@@ -54,15 +57,13 @@ def is_fraction_metric(key: str) -> bool:
 
 
 def _fmt(x, digits: int = 4) -> str:
-    """Plain number: integers with thousands separators, floats with sensible precision."""
+    """Plain number: integers with thousands separators, floats to ``digits`` significant figures."""
     if isinstance(x, int) and not isinstance(x, bool):
         return f"{x:,}"
     value = _num(x)
     if value is None:
         return "n/a"
-    if math.isinf(value) or abs(value) >= 100:
-        return f"{value:,.1f}"
-    return f"{value:.3f}" if abs(value) >= 1 else f"{value:.{digits}g}"
+    return f"{value:,.1f}" if math.isinf(value) or abs(value) >= 100 else f"{value:.{digits}g}"
 
 
 def _pct(x: float) -> str:
@@ -125,7 +126,7 @@ def read_loss_series(path: Path) -> dict[str, list[tuple[int, float]]]:
 def _scores(ev: dict, side: str) -> dict[str, float]:
     """Numeric scalar metrics for one side ("base" / "tuned"); dicts, lists and the count n are dropped."""
     raw = ev.get(side) or {}
-    return {k: v for k, v in ((k, _num(v)) for k, v in raw.items()) if v is not None and k != "n"}
+    return {k: v for k, v in raw.items() if _num(v) is not None and k != "n"}
 
 
 def primary_metric(ev: dict) -> str | None:
@@ -141,7 +142,7 @@ def metric_table(ev: dict) -> list[dict]:
     """Rows {metric, key, base, tuned, delta, tone} for every numeric metric either side reported."""
     base, tuned = _scores(ev, "base"), _scores(ev, "tuned")
     keys = list(dict.fromkeys([*base, *tuned]))
-    keys.sort(key=lambda k: (0 if is_fraction_metric(k) else 2 if k == "seconds" else 1))
+    keys.sort(key=lambda k: (0 if is_fraction_metric(k) else 2 if "seconds" in k else 1))  # stable sort
     rows = []
     for key in keys:
         fraction = is_fraction_metric(key)
@@ -183,7 +184,8 @@ def judge(info: dict) -> tuple[str, str]:
         return f"The tuned model beats the base model by {points:+.1f} points of {name} {on} {change}.", "good"
     if points == 0:
         return f"The tuned model did not improve on the base model: {name} stayed at {_pct(base)} {on}.", "bad"
-    return f"The tuned model did not improve on the base model: {name} fell by {-points:.1f} points {on} {change}.", "bad"
+    return (f"The tuned model did not improve on the base model: {name} fell by {-points:.1f} points {on} "
+            f"{change}.", "bad")
 
 
 def verdict(info: dict) -> str:
@@ -200,12 +202,14 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _ema(values: list[float], alpha: float) -> list[float]:
-    out, acc = [], values[0]
-    for v in values:
-        acc = alpha * v + (1 - alpha) * acc
-        out.append(acc)
-    return out
+def _rolling_mean(values: list[float], window: int) -> np.ndarray:
+    """Centred moving average (window shrinks at the ends): a trend line that does not lag the raw curve.
+    Computed from a cumulative sum so a 100k-step run costs no more than a short one."""
+    v = np.asarray(values, dtype=float)
+    total = np.concatenate([[0.0], np.cumsum(v)])
+    idx = np.arange(len(v))
+    lo, hi = np.maximum(0, idx - window // 2), np.minimum(len(v), idx + window // 2 + 1)
+    return (total[hi] - total[lo]) / (hi - lo)
 
 
 def plot_loss(series: dict[str, list[tuple[int, float]]], path: Path, best_step=None) -> Path | None:
@@ -218,16 +222,18 @@ def plot_loss(series: dict[str, list[tuple[int, float]]], path: Path, best_step=
     if train:
         steps, losses = zip(*train)
         smooth = len(train) > 30  # per-step loss is noisy; a faint raw line plus a trend reads best
-        ax.plot(steps, losses, color=TUNED_COLOR, alpha=0.3 if smooth else 1, lw=1, label="train")
+        ax.plot(steps, losses, color=TUNED_COLOR, alpha=0.3 if smooth else 1, lw=1, label="train",
+                marker="" if smooth else "o", ms=3)
         if smooth:
-            ax.plot(steps, _ema(list(losses), 10 / len(train) + 0.02), color=TUNED_COLOR, lw=2,
-                    label="train (smoothed)")
+            ax.plot(steps, _rolling_mean(list(losses), max(5, len(train) // 25)), color=TUNED_COLOR, lw=2,
+                    label="train (moving average)")
     if val:
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", color="#dd6b20", lw=2, ms=4, label="validation")
     if _num(best_step) is not None:
         ax.axvline(best_step, color="#555", ls=":", lw=1, label=f"best step {best_step}")
     ax.set(xlabel="step", ylabel="loss (nats / target token)", title="Loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, even on a 2-step run
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path)
@@ -281,8 +287,12 @@ def plot_confusion(confusion: dict, labels: list | None, path: Path) -> Path | N
     fig = _figure(side + 1.5, min(max(5.0, 0.19 * len(rows) + 3), 24))
     ax = fig.add_subplot()
     shares = [[c / (sum(r) or 1) for c in r] for r in grid]
-    im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-    font = 9 if len(cols) <= 20 else 7 if len(cols) <= 45 else 5.5
+    # Start the colour scale above white and paint only true zeros white, so a single stray error shows.
+    cmap = ListedColormap(colormaps["Blues"](np.linspace(0.18, 1, 256))).with_extremes(under="white")
+    im = ax.imshow(shares, cmap=cmap, vmin=1e-9, vmax=1, aspect="auto", interpolation="nearest")
+    if cols[-1] == INVALID:
+        ax.axvline(len(cols) - 1.5, color="#c53030", lw=0.8, ls="--")
+    font = 9 if len(cols) <= 20 else 7 if len(cols) <= 45 else 6
     ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=font)
     ax.set_yticks(range(len(rows)), rows, fontsize=font)
     ax.set(xlabel="predicted", ylabel="gold", title="Tuned model: confusion matrix (colour = share of gold row)")
@@ -385,8 +395,9 @@ def build_context(info: dict, plots: dict[str, Path]) -> dict:
 
 
 def _md_cell(text) -> str:
-    """Escape text for a markdown table cell; HTML is escaped too, since markdown viewers render it."""
-    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ⏎ ")
+    """Text safe for a markdown table cell. "<" is escaped because markdown viewers render raw HTML;
+    ">" and "&" are left alone so the file still reads cleanly as plain text."""
+    return str(text).replace("<", "&lt;").replace("|", "\\|").replace("\n", " ⏎ ")
 
 
 def _md_fence(text: str, lang: str = "") -> str:

@@ -9,7 +9,6 @@ allows downloads. Weights are only ever read from safetensors or GGUF: never fro
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -171,6 +170,3 @@ def _load_run(run_dir: Path, dtype) -> Loaded:
         return Loaded(model, tok, description=f"run:{run_dir}", run_config=cfg)
     raise ModelError(f"{run_dir}: final/ holds neither an adapter nor a model; did the run finish?")
 
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))

@@ -15,20 +15,20 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
 from hone import __version__
-from hone.config import RunConfig, dump_config, parse_config
+from hone.config import RunConfig, dump_config
 from hone.eval.runners import evaluate_task
 from hone.models.load import load_model, save_hf_dir
 from hone.train.checkpoint import latest_checkpoint
-from hone.train.loop import Interrupted, TrainingFailed, pick_device, train_loop, use_bf16
+from hone.train.loop import Interrupted, pick_device, train_loop, use_bf16
 from hone.train.prepare import PreparedData, tokenize_data, validate_data
-from hone.train.runlog import RunLog, read_jsonl
+from hone.train.runlog import RunLog
 
 
 class RunError(ValueError):
@@ -180,6 +180,8 @@ def _run(cfg: RunConfig, run_dir: Path, data, log: RunLog, show_progress: bool) 
     model, tokenizer = loaded.model, loaded.tokenizer
     prepared = tokenize_data(data, tokenizer, cfg.data, run_dir / "rejects.jsonl")
     _log_data(log, prepared, run_dir)
+    if prepared.labels:  # `hone eval RUN` renders prompts with the same label list
+        (run_dir / "labels.json").write_text(json.dumps(prepared.labels))
     device = pick_device()
     bf16 = use_bf16(device, cfg.train.precision)
     model.to(device)
@@ -246,13 +248,3 @@ def pick_examples(examples: list[dict], n: int) -> list[dict]:
     same = [e for e in examples if e["base"] == e["tuned"]]
     return (differ + same)[:n]
 
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    return parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir))
-
-
-def run_metrics(run_dir: Path) -> list[dict]:
-    return read_jsonl(run_dir / "metrics.jsonl")
-
-
-__all__ = ["run_training", "RunOutcome", "RunError", "TrainingFailed", "Interrupted", "asdict"]
