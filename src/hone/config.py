@@ -18,7 +18,7 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 class Section(BaseModel):
     # Unknown keys are almost always typos ("learning_rat"); reject them with the key's name.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
 
 class ModelConfig(Section):

@@ -66,8 +66,9 @@ def target_char_spans(tokenizer, conv: Conversation, loss_on: str) -> tuple[str,
         weight = 1.0 if msg.weight is None else float(msg.weight)
         if weight <= 0:
             continue
-        before = _render(tokenizer, conv.messages[:i], add_generation_prompt=True) if i else ""
         through = _render(tokenizer, conv.messages[: i + 1], add_generation_prompt=False)
+        before = (_render(tokenizer, conv.messages[:i], add_generation_prompt=True) if i
+                  else _text_before_content(through, msg, conv))
         if not (through.startswith(before) and full.startswith(through)):
             raise TemplateError(
                 f"{conv.where}: the chat template does not render conversations prefix by prefix, so hone "
@@ -76,6 +77,17 @@ def target_char_spans(tokenizer, conv: Conversation, loss_on: str) -> tuple[str,
         end = len(through.rstrip())
         spans.append((len(before), end, weight))
     return full, spans
+
+
+def _text_before_content(rendered: str, msg: Message, conv: Conversation) -> str:
+    """For a conversation that opens with an assistant turn there is no prefix to render, so the target
+    starts where the message's own content does (the template's header and any default system prompt are
+    not learned)."""
+    at = rendered.find(msg.content)
+    if at < 0:
+        raise TemplateError(f"{conv.where}: the chat template changes the first message's text, so hone "
+                            "cannot find where the assistant's answer starts")
+    return rendered[:at]
 
 
 def render_with_loss_mask(tokenizer, conv: Conversation, *, loss_on: str = "assistant",

@@ -256,7 +256,9 @@ def train_loop(model, tokenizer, train: list[Tokenized], held_out: list[Tokenize
                                 "perplexity": math.exp(min(val, 50))})
                     progress.note(f"val loss {val:.4f}")
 
-            if state["step"] % save_every == 0 or state["step"] == total_steps:
+            # Mid-streak of non-finite steps, keep the last good checkpoint as the newest one.
+            due = state["step"] % save_every == 0 or state["step"] == total_steps
+            if due and state["nonfinite_in_row"] == 0:
                 checkpoint()
             if signals.signum is not None:
                 path = checkpoint()

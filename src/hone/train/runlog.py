@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 LEVELS = ("info", "warn", "error")
 
@@ -18,7 +19,7 @@ LEVELS = ("info", "warn", "error")
 class RunLog:
     def __init__(self, run_dir: Path, console: Console | None = None):
         self.run_dir = run_dir
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
 
     def metric(self, row: dict) -> None:
         row = {k: v for k, v in row.items() if v is not None}
@@ -28,7 +29,7 @@ class RunLog:
         assert level in LEVELS, level
         self._append("events.jsonl", {"time": round(time.time(), 3), "level": level, "message": message, **extra})
         style = {"info": "dim", "warn": "yellow", "error": "bold red"}[level]
-        self.console.print(f"[{style}]{level}[/{style}] {message}", highlight=False)
+        self.console.print(f"[{style}]{level}[/{style}] {escape(message)}", highlight=False)
 
     def _append(self, name: str, row: dict) -> None:
         with open(self.run_dir / name, "a", encoding="utf-8") as f:
