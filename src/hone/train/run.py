@@ -194,7 +194,8 @@ def _run(cfg: RunConfig, run_dir: Path, data, log: RunLog, show_progress: bool) 
     final = save_final(model, tokenizer, cfg, run_dir)
     log.event("info", f"saved final weights to {final}")
     tuned_eval = run_eval_once(run_dir, "tuned", model, tokenizer, prepared, cfg, bf16) if cfg.eval.enabled else None
-    training = {"method": cfg.method, "steps": result.steps, "epochs": cfg.train.epochs, "seconds": result.seconds,
+    epochs_done = round(result.tokens / max(1, prepared.stats["train_tokens"]), 2)  # max_steps may cut epochs
+    training = {"method": cfg.method, "steps": result.steps, "epochs": epochs_done, "seconds": result.seconds,
                 "tokens_per_second": result.tokens_per_second, "trainable_params": trainable,
                 "total_params": total, "device": str(device), "precision": "bf16" if bf16 else "fp32",
                 "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
