@@ -15,14 +15,7 @@ from hone.records import Conversation, Message
 PAD = 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny matmuls: a second thread only adds synchronisation, and on a shared CPU it costs 10-100x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def example(n: int, start: int, weights: list[float] | None = None) -> Tokenized:
     """Token ids start, start+1, ... (distinct across examples, never PAD)."""

@@ -13,14 +13,7 @@ from hone.models.tiny import build_model, build_tokenizer
 from hone.records import Conversation, Message
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny matmuls: a second thread only adds synchronisation, and on a shared CPU it costs 10-100x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def tok():

@@ -190,6 +190,14 @@ def _load_for_inference(model: str):
     return loaded, instruction, labels
 
 
+def _load_or_fail(model: str):
+    _quiet_libraries()
+    try:
+        return _load_for_inference(model)[0]
+    except _user_errors() as e:
+        _fail(str(e))
+
+
 @app.command()
 def generate(model: str = typer.Argument(..., help="Model: embedded name, HF directory, .gguf file or run directory."),
              prompt: str = typer.Option(..., "--prompt", help="The user message."),
@@ -199,11 +207,7 @@ def generate(model: str = typer.Argument(..., help="Model: embedded name, HF dir
     from hone.eval.runners import generate as run_generate
     from hone.records import Message
 
-    _quiet_libraries()
-    try:
-        loaded, _, _ = _load_for_inference(model)
-    except _user_errors() as e:
-        _fail(str(e))
+    loaded = _load_or_fail(model)
     messages = ([Message("system", system)] if system else []) + [Message("user", prompt)]
     out.print(run_generate(loaded.model, loaded.tokenizer, [messages], max_new_tokens=max_new_tokens)[0],
               highlight=False, markup=False)
@@ -217,11 +221,7 @@ def chat(model: str = typer.Argument(..., help="Model: embedded name, HF directo
     from hone.eval.runners import generate as run_generate
     from hone.records import Message
 
-    _quiet_libraries()
-    try:
-        loaded, _, _ = _load_for_inference(model)
-    except _user_errors() as e:
-        _fail(str(e))
+    loaded = _load_or_fail(model)
     history = [Message("system", system)] if system else []
     out.print(f"chatting with {model}; /reset clears history, /exit quits", style="dim")
     while True:

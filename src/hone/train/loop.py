@@ -12,7 +12,7 @@ import math
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -167,6 +167,64 @@ def to_device(batch: MicroBatch, device) -> MicroBatch:
                       batch.weights.to(device), batch.real_tokens)
 
 
+@dataclass
+class LogWindow:
+    """Training loss and throughput since the last log line (loss weighted by target tokens)."""
+
+    loss: float = 0.0
+    weight: float = 0.0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def mean_loss(self) -> float | None:
+        return self.loss / self.weight if self.weight else None
+
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(1e-9, time.perf_counter() - self.start)
+
+
+def forward_backward(model, micro: list[MicroBatch], loss_sum, device, bf16: bool) -> tuple[float, float]:
+    """Accumulate one optimizer step's gradients. Each micro-batch's summed loss is divided by the target
+    weight of the WHOLE step, so the gradient equals that of one large batch. Returns (loss, weight)."""
+    step_weight = sum(b.target_weight for b in micro)
+    step_loss = 0.0
+    for batch in micro:
+        with autocast(device, bf16):
+            loss = loss_sum(model, batch) / step_weight
+        loss.backward()
+        step_loss += float(loss.detach())
+    return step_loss, step_weight
+
+
+def apply_update(optimizer, state: dict, step: int, loss: float, grad_norm: float, max_nonfinite: int,
+                 log: RunLog) -> bool:
+    """Step the optimizer if loss and gradient are finite; otherwise skip, count, and fail after a streak."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["nonfinite_in_row"] = 0
+        return True
+    optimizer.zero_grad(set_to_none=True)
+    state["nonfinite_in_row"] += 1
+    log.event("warn", f"step {step}: non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}); "
+                      "update skipped")
+    if state["nonfinite_in_row"] >= max_nonfinite:
+        raise TrainingFailed(
+            f"step {step}: {state['nonfinite_in_row']} non-finite losses/gradients in a row "
+            f"(train.max_nonfinite={max_nonfinite}). Lower train.learning_rate or check the data around this "
+            "step. No checkpoint was written for the failing steps.")
+    return False
+
+
+def record_validation(state: dict, val: float | None, log: RunLog) -> None:
+    if val is None:
+        return
+    state["last_val_loss"] = val
+    if state["best_val_loss"] is None or val < state["best_val_loss"]:
+        state["best_val_loss"], state["best_step"] = val, state["step"]
+    log.metric({"step": state["step"], "split": "validation", "loss": val, "perplexity": math.exp(min(val, 50))})
+
+
 def train_loop(model, tokenizer, train: list[Tokenized], held_out: list[Tokenized], cfg: RunConfig,
                run_dir: Path, log: RunLog, *, resume_from: Path | None = None,
                loss_sum=sft_loss_sum, show_progress: bool = True) -> LoopResult:
@@ -182,7 +240,7 @@ def train_loop(model, tokenizer, train: list[Tokenized], held_out: list[Tokenize
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, total_steps, warmup, tc.schedule))
     eval_every, save_every = every(tc.eval_every, total_steps), every(tc.save_every, total_steps)
-    pad_id = tokenizer.pad_token_id
+    pad_id, epoch_tokens = tokenizer.pad_token_id, sum(len(t.input_ids) for t in train)
 
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "nonfinite_in_row": 0, "best_val_loss": None,
              "best_step": None, "last_train_loss": None, "last_val_loss": None}
@@ -193,72 +251,42 @@ def train_loop(model, tokenizer, train: list[Tokenized], held_out: list[Tokenize
         log.event("info", f"training: {total_steps} steps, {len(batches)} micro-batches of up to "
                           f"{rows_per_batch}x{row_len} tokens, device {device}, {'bf16' if bf16 else 'fp32'}")
 
-    def checkpoint():
+    def checkpoint() -> Path:
         return save_checkpoint(run_dir, state["step"], model, optimizer, scheduler, state, tc.keep_checkpoints)
 
-    window_loss, window_weight, window_tokens, window_start = 0.0, 0.0, 0, time.perf_counter()
-    progress = Progress(total_steps, state["step"], enabled=show_progress)
-    with SignalCatcher() as signals, progress:
+    window = LogWindow()
+    with SignalCatcher() as signals, Progress(total_steps, state["step"], enabled=show_progress) as progress:
         while state["step"] < total_steps:
-            step = state["step"]
             step_start = time.perf_counter()
-            micro = [to_device(collate_rows(train, rows, row_len, pad_id), device)
-                     for rows in batches[step * tc.grad_accum:(step + 1) * tc.grad_accum]]
-            step_weight = sum(b.target_weight for b in micro)
-            step_loss = 0.0
-            for batch in micro:
-                with autocast(device, bf16):
-                    loss = loss_sum(model, batch) / step_weight
-                loss.backward()
-                step_loss += float(loss.detach())
+            rows = batches[state["step"] * tc.grad_accum:(state["step"] + 1) * tc.grad_accum]
+            micro = [to_device(collate_rows(train, r, row_len, pad_id), device) for r in rows]
+            loss, weight = forward_backward(model, micro, loss_sum, device, bf16)
             grad_norm = clip_gradients(model, tc.max_grad_norm)
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                state["nonfinite_in_row"] += 1
-                log.event("warn", f"step {step + 1}: non-finite loss or gradient (loss={step_loss}, "
-                                  f"grad_norm={grad_norm}); update skipped")
-                if state["nonfinite_in_row"] >= tc.max_nonfinite:
-                    raise TrainingFailed(
-                        f"step {step + 1}: {state['nonfinite_in_row']} non-finite losses/gradients in a row "
-                        f"(train.max_nonfinite={tc.max_nonfinite}). Lower train.learning_rate or check the data "
-                        "around this step. No checkpoint was written for the failing steps.")
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["nonfinite_in_row"] = 0
-                window_loss += step_loss * step_weight
-                window_weight += step_weight
+            if apply_update(optimizer, state, state["step"] + 1, loss, grad_norm, tc.max_nonfinite, log):
+                window.loss, window.weight = window.loss + loss * weight, window.weight + weight
             scheduler.step()
             tokens = sum(b.real_tokens for b in micro)
-            state["step"] = step + 1
+            state["step"] += 1
             state["tokens"] += tokens
             state["seconds"] += time.perf_counter() - step_start
-            window_tokens += tokens
-            progress.update(state["step"], step_loss, tokens / max(1e-9, time.perf_counter() - step_start))
+            window.tokens += tokens
+            progress.update(state["step"], loss, tokens / max(1e-9, time.perf_counter() - step_start))
+            last = state["step"] == total_steps
 
-            if state["step"] % tc.log_every == 0 or state["step"] == total_steps:
-                elapsed = time.perf_counter() - window_start
-                train_loss = window_loss / window_weight if window_weight else None
-                state["last_train_loss"] = train_loss
-                log.metric({"step": state["step"], "split": "train", "loss": train_loss,
+            if state["step"] % tc.log_every == 0 or last:
+                state["last_train_loss"] = window.mean_loss()
+                log.metric({"step": state["step"], "split": "train", "loss": window.mean_loss(),
                             "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                            "tokens_per_second": window_tokens / max(1e-9, elapsed),
-                            "epoch": round(state["step"] * tc.grad_accum / max(1, len(batches)) * tc.epochs, 4)})
-                window_loss, window_weight, window_tokens, window_start = 0.0, 0.0, 0, time.perf_counter()
-
-            if state["step"] % eval_every == 0 or state["step"] == total_steps:
-                val = evaluate_loss(model, held_out, row_len, rows_per_batch, pad_id, device, bf16, loss_sum)
-                if val is not None:
-                    state["last_val_loss"] = val
-                    if state["best_val_loss"] is None or val < state["best_val_loss"]:
-                        state["best_val_loss"], state["best_step"] = val, state["step"]
-                    log.metric({"step": state["step"], "split": "validation", "loss": val,
-                                "perplexity": math.exp(min(val, 50))})
-                    progress.note(f"val loss {val:.4f}")
-
+                            "tokens_per_second": window.tokens_per_second(),
+                            "epoch": round(state["tokens"] / max(1, epoch_tokens), 4)})
+                window = LogWindow()
+            if state["step"] % eval_every == 0 or last:
+                record_validation(state, evaluate_loss(model, held_out, row_len, rows_per_batch, pad_id, device,
+                                                       bf16, loss_sum), log)
+                if state["last_val_loss"] is not None:
+                    progress.note(f"val loss {state['last_val_loss']:.4f}")
             # Mid-streak of non-finite steps, keep the last good checkpoint as the newest one.
-            due = state["step"] % save_every == 0 or state["step"] == total_steps
-            if due and state["nonfinite_in_row"] == 0:
+            if (state["step"] % save_every == 0 or last) and state["nonfinite_in_row"] == 0:
                 checkpoint()
             if signals.signum is not None:
                 path = checkpoint()
