@@ -27,3 +27,11 @@ def test_embedded_model_loads_caches_and_answers(tmp_path, monkeypatch):
     assert "Paris" in answer
     again = load_model("smollm2-135m-instruct")  # from the safetensors cache now
     assert again.tokenizer.chat_template == loaded.tokenizer.chat_template
+
+
+def test_gguf_file_as_model_base():
+    from hone.models.load import embedded_gguf_path, load_model
+
+    loaded = load_model(str(embedded_gguf_path()))
+    assert type(loaded.model).__name__ == "LlamaForCausalLM"
+    assert loaded.tokenizer.eos_token == "<|im_end|>"
