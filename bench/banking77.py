@@ -418,7 +418,7 @@ def eval_label_list(cfg, run_dir: Path, labels: list[str]) -> dict:
 
     from hone.eval.runners import evaluate_task
     from hone.models.load import load_model
-    from hone.train.loop import pick_device, use_bf16
+    from hone.train.device import pick_device, use_bf16
 
     instruction = label_list_instruction()
     listed = held_out_conversations(cfg.data.validation, instruction, labels, cfg.data.dedupe)

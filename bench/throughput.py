@@ -107,7 +107,8 @@ def prepare(args, method: str, output_dir: str) -> dict:
     import torch
 
     from hone.models.load import load_model
-    from hone.train.loop import pick_device, plan_batches, use_bf16
+    from hone.train.device import pick_device, use_bf16
+    from hone.train.loop import plan_batches
     from hone.train.prepare import tokenize_data, validate_data
 
     device = pick_device()
@@ -212,7 +213,6 @@ def trainer_dataset(train) -> list[dict]:
 
 
 def run_trainer(args, method: str) -> dict:
-    import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     class Clock(TrainerCallback):

@@ -13,6 +13,7 @@ import torch
 from hone.data.template import ensure_chat_template, render_prompt
 from hone.eval.metrics import classification_metrics, generation_metrics, match_label
 from hone.records import Conversation, Message
+from hone.train.device import autocast
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -46,7 +47,7 @@ def generate(model, tokenizer, prompts: list[list[Message]], *, max_new_tokens: 
         for row, i in enumerate(idx):
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
-        with torch.no_grad(), _autocast(device, bf16):
+        with torch.no_grad(), autocast(device, bf16):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                                  pad_token_id=pad_id)
@@ -54,12 +55,6 @@ def generate(model, tokenizer, prompts: list[list[Message]], *, max_new_tokens: 
             answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)
     return answers
-
-
-def _autocast(device, bf16: bool):
-    from hone.train.loop import autocast
-
-    return autocast(device, bf16)
 
 
 def evaluate_task(model, tokenizer, conversations: list[Conversation], labels: list[str] | None, *,

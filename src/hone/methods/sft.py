@@ -36,12 +36,12 @@ def sft_loss_sum(model, batch: MicroBatch) -> torch.Tensor:
     """Sum over target tokens of weight x cross-entropy (computed in float32 for a stable log-softmax)."""
     logits, labels, weights = target_logits(model, hidden_states(model, batch), batch)
     if labels.numel() == 0:
-        return hidden_states_zero(model)
+        return zero_connected_to_graph(model)
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
     return (ce * weights).sum()
 
 
-def hidden_states_zero(model) -> torch.Tensor:
+def zero_connected_to_graph(model) -> torch.Tensor:
     # A zero that is still connected to the graph, so backward() works on a batch with no targets.
     p = next(p for p in model.parameters() if p.requires_grad)
     return p.sum() * 0.0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from hone.data.pack import MicroBatch, collate_rows, pack_rows, plan_epoch, row_
 from hone.data.template import Tokenized
 from hone.methods.sft import sft_loss_sum
 from hone.train.checkpoint import load_checkpoint, save_checkpoint
+from hone.train.device import autocast, pick_device, use_bf16
 from hone.train.progress import Progress
 from hone.train.runlog import RunLog
 
@@ -45,32 +45,6 @@ class LoopResult:
     final_train_loss: float | None
     final_val_loss: float | None
     best_step: int | None
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def use_bf16(device: torch.device, precision: str) -> bool:
-    if precision == "fp32":
-        return False
-    if precision == "bf16":
-        return True
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_fast_bf16()
-
-
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def build_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:

@@ -26,7 +26,8 @@ from hone.config import RunConfig, dump_config
 from hone.eval.runners import evaluate_task
 from hone.models.load import load_model, save_hf_dir
 from hone.train.checkpoint import latest_checkpoint
-from hone.train.loop import Interrupted, pick_device, train_loop, use_bf16
+from hone.train.device import pick_device, use_bf16
+from hone.train.loop import Interrupted, train_loop
 from hone.train.prepare import PreparedData, tokenize_data, validate_data
 from hone.train.runlog import RunLog
 
