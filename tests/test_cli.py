@@ -114,3 +114,12 @@ def test_eval_base_model_on_file(tiny_model_dir, toy_files):
 def test_resume_without_run_is_an_error(cfg_file):
     result = invoke("train", cfg_file(), "--resume")
     assert result.exit_code == 2 and "no run named" in result.output
+
+
+def test_all_lines_bad_even_when_skipping(cfg_file, tiny_config, tmp_path):
+    bad = tmp_path / "all_bad.jsonl"
+    bad.write_text('{"text": ""}\nnot json\n')
+    tiny_config["data"].update(train=str(bad), skip_bad_lines=True)
+    result = invoke("train", cfg_file(tiny_config))
+    assert result.exit_code == 2
+    assert "no line is a valid training example" in result.output and f"{bad}:2: [invalid_json]" in result.output

@@ -51,6 +51,8 @@ SKIP_HINT = "Fix these lines, or set data.skip_bad_lines=true to train without t
 def validate_data(cfg: DataConfig, seed: int) -> ValidatedData:
     train = validate_file(cfg.train, instruction=cfg.instruction, dedupe=cfg.dedupe)
     problems = list(train.problems)
+    if not train.records:
+        raise DataProblems(problems, f"{cfg.train}: no line is a valid training example.")
     if cfg.validation:
         val = validate_file(cfg.validation, instruction=cfg.instruction, labels=train.labels or None,
                             dedupe=cfg.dedupe)
@@ -62,8 +64,6 @@ def validate_data(cfg: DataConfig, seed: int) -> ValidatedData:
         source = f"{cfg.validation_fraction:.0%} of {cfg.train}"
     if problems and not cfg.skip_bad_lines:
         raise DataProblems(problems, SKIP_HINT)
-    if not train_records:
-        raise ValueError(f"{cfg.train}: no valid training examples")
     return ValidatedData(train_records, held_out, train.labels, dict(train.shapes), problems, source)
 
 
