@@ -45,6 +45,12 @@ class LoopResult:
     final_train_loss: float | None
     final_val_loss: float | None
     best_step: int | None
+    epochs: float  # passes over the training tokens actually made (max_steps may cut them short)
+
+
+def capped_perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(50) so a diverged run still writes valid JSON (no Infinity)."""
+    return math.exp(min(loss, 50))
 
 
 def build_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -196,7 +202,7 @@ def record_validation(state: dict, val: float | None, log: RunLog) -> None:
     state["last_val_loss"] = val
     if state["best_val_loss"] is None or val < state["best_val_loss"]:
         state["best_val_loss"], state["best_step"] = val, state["step"]
-    log.metric({"step": state["step"], "split": "validation", "loss": val, "perplexity": math.exp(min(val, 50))})
+    log.metric({"step": state["step"], "split": "validation", "loss": val, "perplexity": capped_perplexity(val)})
 
 
 def train_loop(model, tokenizer, train: list[Tokenized], held_out: list[Tokenized], cfg: RunConfig,
@@ -270,7 +276,7 @@ def train_loop(model, tokenizer, train: list[Tokenized], held_out: list[Tokenize
 
     return LoopResult(state["step"], state["seconds"], state["tokens"],
                       state["tokens"] / max(1e-9, state["seconds"]), state["last_train_loss"],
-                      state["last_val_loss"], state["best_step"])
+                      state["last_val_loss"], state["best_step"], round(state["tokens"] / max(1, epoch_tokens), 2))
 
 
 def clip_gradients(model, max_norm: float | None) -> float:

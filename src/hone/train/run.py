@@ -27,7 +27,7 @@ from hone.eval.runners import evaluate_task
 from hone.models.load import load_model, save_hf_dir
 from hone.train.checkpoint import latest_checkpoint
 from hone.train.device import pick_device, use_bf16
-from hone.train.loop import Interrupted, train_loop
+from hone.train.loop import Interrupted, capped_perplexity, train_loop
 from hone.train.prepare import PreparedData, tokenize_data, validate_data
 from hone.train.runlog import RunLog
 
@@ -77,6 +77,10 @@ def _diff_keys(a, b, prefix=""):
         yield prefix.rstrip(".")
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def file_sha256(path: str | None) -> str | None:
     if not path:
         return None
@@ -106,7 +110,7 @@ def initial_manifest(cfg: RunConfig) -> dict:
             "command": sys.argv, "seed": cfg.train.seed, "device": str(pick_device()),
             "data": {"train": cfg.data.train, "train_sha256": file_sha256(cfg.data.train),
                      "validation": cfg.data.validation, "validation_sha256": file_sha256(cfg.data.validation)},
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running"}
+            "started": _now(), "status": "running"}
 
 
 def apply_method(model, cfg: RunConfig):
@@ -167,7 +171,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, show_progress: bool = 
         raise
     except Exception as e:
         log.event("error", f"run failed: {e}")
-        write_manifest(run_dir, status="failed", error=str(e), ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_manifest(run_dir, status="failed", error=str(e), ended=_now())
         raise
 
 
@@ -195,25 +199,18 @@ def _run(cfg: RunConfig, run_dir: Path, data, log: RunLog, show_progress: bool) 
     final = save_final(model, tokenizer, cfg, run_dir)
     log.event("info", f"saved final weights to {final}")
     tuned_eval = run_eval_once(run_dir, "tuned", model, tokenizer, prepared, cfg, bf16) if cfg.eval.enabled else None
-    epochs_done = round(result.tokens / max(1, prepared.stats["train_tokens"]), 2)  # max_steps may cut epochs
-    training = {"method": cfg.method, "steps": result.steps, "epochs": epochs_done, "seconds": result.seconds,
+    training = {"method": cfg.method, "steps": result.steps, "epochs": result.epochs, "seconds": result.seconds,
                 "tokens_per_second": result.tokens_per_second, "trainable_params": trainable,
                 "total_params": total, "device": str(device), "precision": "bf16" if bf16 else "fp32",
                 "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
-                "val_perplexity": _ppl(result.final_val_loss), "best_step": result.best_step}
+                "val_perplexity": None if result.final_val_loss is None else capped_perplexity(result.final_val_loss), "best_step": result.best_step}
     info = build_report_info(cfg, run_dir, prepared, training, base_eval, tuned_eval)
     from hone.eval.report import write_report
 
     write_report(run_dir, info)
-    write_manifest(run_dir, status="succeeded", ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), training=training)
+    write_manifest(run_dir, status="succeeded", ended=_now(), training=training)
     log.event("info", f"report: {run_dir / 'report.html'}")
     return RunOutcome(run_dir, "succeeded", {"training": training, "eval": info["eval"]})
-
-
-def _ppl(loss):
-    import math
-
-    return math.exp(min(loss, 50)) if loss is not None else None
 
 
 def _log_data(log: RunLog, prepared: PreparedData, run_dir: Path) -> None:
