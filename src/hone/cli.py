@@ -7,53 +7,19 @@ Ctrl-C/SIGTERM after saving a checkpoint.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+
+from hone.cli_common import err, fail, out, quiet_libraries, user_errors
+from hone.cli_data import data_app
 
 app = typer.Typer(help="Fine-tune general language models into domain specialists, and prove they got better.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-data_app = typer.Typer(help="Check data files.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
 DEMO_DIR = Path(__file__).parent / "demo_data"
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _user_errors():
-    from hone.config import ConfigError
-    from hone.data.readers import DataError
-    from hone.data.template import TemplateError
-    from hone.models.load import ModelError
-    from hone.train.prepare import DataProblems
-    from hone.train.run import RunError
-
-    return (ConfigError, DataError, DataProblems, ModelError, RunError, TemplateError, FileNotFoundError)
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    # peft asks transformers a deprecated question on every wrap; users can do nothing about it.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def _train(cfg, resume: bool) -> None:
@@ -62,13 +28,13 @@ def _train(cfg, resume: bool) -> None:
 
     try:
         outcome = run_training(cfg, resume=resume)
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
     except Interrupted as e:
         err.print(f"stopped; checkpoint {e.checkpoint}. Continue with: hone train CONFIG --resume")
         raise typer.Exit(128 + e.signum)
     except TrainingFailed as e:
-        _fail(str(e), code=1)
+        fail(str(e), code=1)
     _print_summary(outcome.run_dir, outcome.summary)
 
 
@@ -96,11 +62,11 @@ def train(config: Path = typer.Argument(..., help="Run config (YAML). The smalle
     """Fine-tune, evaluate base vs tuned on held-out data, and write a run directory with a report."""
     from hone.config import ConfigError, load_config
 
-    _quiet_libraries()
+    quiet_libraries()
     try:
         cfg = load_config(config, set_)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
     _train(cfg, resume)
 
 
@@ -111,7 +77,7 @@ def demo(output_dir: Path = typer.Option(Path("runs"), help="Where the run direc
     """Fine-tune the embedded model on the shipped support-ticket demo data and write its report."""
     from hone.config import parse_config
 
-    _quiet_libraries()
+    quiet_libraries()
     name = "demo" if resume or not (output_dir / "demo").exists() else _next_free(output_dir, "demo")
     cfg = parse_config({
         "name": name, "output_dir": str(output_dir), "method": "lora",
@@ -140,12 +106,12 @@ def eval_(model: str = typer.Argument(..., help="Model: embedded name, HF direct
     from hone.eval.runners import evaluate_task
     from hone.train.prepare import cap_records
 
-    _quiet_libraries()
+    quiet_libraries()
     try:
         loaded, instruction, labels = _load_for_inference(model)
         records = _eval_records(data, instruction, labels)
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
     records = cap_records(records, max_examples, seed=0)
     result = evaluate_task(loaded.model, loaded.tokenizer, records, labels or _labels_of(records),
                            max_new_tokens=max_new_tokens)
@@ -190,12 +156,12 @@ def _load_for_inference(model: str):
     return loaded, instruction, labels
 
 
-def _load_or_fail(model: str):
-    _quiet_libraries()
+def _load_orfail(model: str):
+    quiet_libraries()
     try:
         return _load_for_inference(model)[0]
-    except _user_errors() as e:
-        _fail(str(e))
+    except user_errors() as e:
+        fail(str(e))
 
 
 @app.command()
@@ -207,7 +173,7 @@ def generate(model: str = typer.Argument(..., help="Model: embedded name, HF dir
     from hone.eval.runners import generate as run_generate
     from hone.records import Message
 
-    loaded = _load_or_fail(model)
+    loaded = _load_orfail(model)
     messages = ([Message("system", system)] if system else []) + [Message("user", prompt)]
     out.print(run_generate(loaded.model, loaded.tokenizer, [messages], max_new_tokens=max_new_tokens)[0],
               highlight=False, markup=False)
@@ -221,7 +187,7 @@ def chat(model: str = typer.Argument(..., help="Model: embedded name, HF directo
     from hone.eval.runners import generate as run_generate
     from hone.records import Message
 
-    loaded = _load_or_fail(model)
+    loaded = _load_orfail(model)
     history = [Message("system", system)] if system else []
     out.print(f"chatting with {model}; /reset clears history, /exit quits", style="dim")
     while True:
@@ -241,29 +207,6 @@ def chat(model: str = typer.Argument(..., help="Model: embedded name, HF directo
         answer = run_generate(loaded.model, loaded.tokenizer, [history], max_new_tokens=max_new_tokens)[0]
         history.append(Message("assistant", answer))
         out.print(f"[bold]model>[/bold] {answer}", highlight=False)
-
-
-@data_app.command("validate")
-def data_validate(path: Path = typer.Argument(..., help="A .jsonl, .csv or .parquet file."),
-                  rejects: Optional[Path] = typer.Option(None, help="Write bad lines with reasons here (JSONL).")):
-    """Check a data file the way `hone train` will, and list every problem with its line."""
-    from hone.config import DataConfig
-    from hone.data.validate import format_problems, validate_file, write_rejects
-
-    try:
-        report = validate_file(path, instruction=DataConfig.model_fields["instruction"].default)
-    except _user_errors() as e:
-        _fail(str(e))
-    shapes = ", ".join(f"{k}: {v}" for k, v in report.shapes.items()) or "none"
-    out.print(f"{path}: {report.rows} rows, {len(report.records)} valid ({shapes}), {len(report.problems)} problems")
-    if report.labels:
-        out.print(f"labels ({len(report.labels)}): {', '.join(report.labels[:20])}"
-                  + (" ..." if len(report.labels) > 20 else ""))
-    if report.problems:
-        out.print(format_problems(report.problems), highlight=False, markup=False)
-        if rejects:
-            write_rejects(rejects, report.problems)
-        raise typer.Exit(2)
 
 
 def main() -> None:  # python -m hone

@@ -1,0 +1,56 @@
+"""`hone data ...`: the data preparation commands. Each reads files, writes `--out FILE` (plus
+FILE's .rejects.jsonl and .report.json, see data/stage.py), and prints the count arithmetic.
+
+Exit codes as for `hone`: 0 success, 2 bad input (a file or option that cannot be used at all). Bad
+*records* never stop a stage: they go to the rejects file and are counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from hone.cli_common import fail, out, user_errors
+
+data_app = typer.Typer(help="Prepare data: ingest, clean, dedup, redact, convert, synth, split, card, prepare.",
+                       no_args_is_help=True)
+
+
+def print_stage(report) -> None:
+    """The one-paragraph summary every stage prints: what it wrote and the count arithmetic."""
+    out.print(f"[bold]{report.stage}[/bold]: {escape(report.arithmetic())}", highlight=False)
+    from hone.data.stage import rejects_path, report_path
+
+    out.print(f"  wrote {escape(report.output)} ({report.records_out} records), "
+              f"{escape(str(report_path(report.output)))}", highlight=False)
+    if report.rejected_total:
+        out.print(f"  rejects with reasons: {escape(str(rejects_path(report.output)))}", highlight=False)
+
+
+@data_app.command("validate")
+def data_validate(path: Path = typer.Argument(..., help="A .jsonl, .csv or .parquet file."),
+                  rejects: Optional[Path] = typer.Option(None, help="Write bad lines with reasons here (JSONL).")):
+    """Check a data file the way `hone train` will, and list every problem with its line."""
+    from hone.config import DataConfig
+    from hone.data.validate import format_problems, validate_file, write_rejects
+
+    try:
+        report = validate_file(path, instruction=DataConfig.model_fields["instruction"].default)
+    except user_errors() as e:
+        fail(str(e))
+    shapes = ", ".join(f"{k}: {v}" for k, v in report.shapes.items()) or "none"
+    out.print(f"{path}: {report.rows} rows, {len(report.records)} valid ({shapes}), {len(report.problems)} problems")
+    if report.labels:
+        out.print(f"labels ({len(report.labels)}): {', '.join(report.labels[:20])}"
+                  + (" ..." if len(report.labels) > 20 else ""))
+    if report.problems:
+        out.print(format_problems(report.problems), highlight=False, markup=False)
+        if rejects:
+            write_rejects(rejects, report.problems)
+        raise typer.Exit(2)
+
+
+# --- end of commands ---
