@@ -53,4 +53,28 @@ def data_validate(path: Path = typer.Argument(..., help="A .jsonl, .csv or .parq
         raise typer.Exit(2)
 
 
+@data_app.command("split")
+def data_split(inputs: list[Path] = typer.Argument(..., help="Record files (.jsonl/.csv/.parquet)."),
+               out_dir: Path = typer.Option(..., "--out", help="Folder for train/validation/test.jsonl."),
+               validation: float = typer.Option(0.1, help="Fraction of each label for validation."),
+               test: float = typer.Option(0.1, help="Fraction of each label for the test set."),
+               seed: int = typer.Option(0, help="The same seed gives the same split."),
+               stratify: bool = typer.Option(True, help="Keep each label's share in every split.")):
+    """Deterministic train/validation/test split by stable content hash, stratified by label."""
+    from pydantic import ValidationError
+
+    from hone.data.split import SplitOptions, split
+
+    try:
+        report = split(inputs, out_dir, SplitOptions(validation=validation, test=test, seed=seed,
+                                                     stratify=stratify))
+    except ValidationError as e:
+        fail(f"bad split option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
+    except user_errors() as e:
+        fail(str(e))
+    out.print(f"[bold]split[/bold]: {escape(report.arithmetic())}", highlight=False)
+    for name, info in report.details["splits"].items():
+        out.print(f"  {name}: {info['records']} records -> {escape(info['path'])}", highlight=False)
+
+
 # --- end of commands ---

@@ -8,14 +8,27 @@ more, and never all of them, so evaluation sees every class and training loses n
 
     train, held_out = split_records(report.records, cfg.data.validation_fraction, cfg.train.seed,
                                     max_held_out=cfg.data.max_validation)
+
+`split(inputs, out_dir, SplitOptions(validation=0.1, test=0.1))` is `hone data split`: the same ranking over
+record files, streamed, into train/validation/test files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hone.data.readers import DataError
+from hone.data.stage import (AtomicWriter, StageReport, lineage, read_records, reject_line,
+                             write_json_atomic)
+from hone.records import Problem
 
 T = TypeVar("T")
 
@@ -104,3 +117,106 @@ def _cap_quotas(quotas: dict[str | None, int], cap: int) -> dict[str | None, int
         g = max((g for g in order if out[g] > 1), key=lambda g: out[g] - share[g])
         out[g] -= 1
     return out
+
+
+# --- `hone data split`: files in, train/validation/test files out ---------------------------------------
+
+class SplitOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    validation: float = Field(0.1, ge=0, lt=1, description="Fraction of each label's records for validation.")
+    test: float = Field(0.1, ge=0, lt=1, description="Fraction of each label's records for the test set.")
+    seed: int = Field(0, description="Changes which records go where; the same seed gives the same split.")
+    stratify: bool = Field(True, description="Keep each label's share in every split (records with a `label`).")
+
+
+def split(inputs: list[Path], out: Path, options: SplitOptions) -> StageReport:
+    """Write OUT/train.jsonl, OUT/validation.jsonl, OUT/test.jsonl (empty splits are not written), plus
+    OUT/split.rejects.jsonl and OUT/split.report.json.
+
+    Two streaming passes: the first keeps only a 32-byte hash and a label per record, the second routes
+    each record to its file, so memory does not grow with record size. Within each label the records
+    with the lowest hashes go to test, the next to validation: exact per-label proportions, and each
+    label with enough records appears in every split.
+    """
+    if options.validation + options.test >= 1:
+        raise DataError(f"split fractions leave nothing to train on: validation {options.validation} + "
+                        f"test {options.test} >= 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys: list[tuple[bytes, str | None]] = []
+    for item in read_records(inputs):
+        if not isinstance(item, Problem):
+            keys.append((_score(_content(item), options.seed), _label_of(item) if options.stratify else None))
+    assignment = _assign_splits(keys, options.validation, options.test)
+    report = StageReport(stage="split", output=str(out))
+    counts = {name: 0 for name in SPLIT_NAMES}
+    per_label: dict[str, dict[str, int]] = {}
+    started, i = time.perf_counter(), 0
+    names = [n for n in SPLIT_NAMES if n == "train" or getattr(options, n) > 0]
+    writers = {n: AtomicWriter(out / f"{n}.jsonl") for n in names}
+    rejected: dict[str, int] = {}
+    with ExitStack() as stack:
+        files = {n: stack.enter_context(w) for n, w in writers.items()}
+        refused = stack.enter_context(AtomicWriter(out / "split.rejects.jsonl"))
+        for item in read_records(inputs):
+            report.records_in += 1
+            if isinstance(item, Problem):
+                rejected[item.code] = rejected.get(item.code, 0) + 1
+                refused.write(reject_line(item.code, item.message, source=item.source, line=item.line,
+                                          raw=item.raw))
+                continue
+            name = assignment[i]
+            i += 1
+            files[name].write(json.dumps(item, ensure_ascii=False) + "\n")
+            counts[name] += 1
+            label = _label_of(item)
+            per_label.setdefault(label or "(none)", {n: 0 for n in names})[name] += 1
+    report.passed = report.records_out = sum(counts.values())
+    report.rejected = rejected
+    report.seconds = time.perf_counter() - started
+    report.details = {"splits": {n: {"records": counts[n], "path": str(out / f"{n}.jsonl")} for n in names},
+                      "per_label": per_label if len(per_label) > 1 or "(none)" not in per_label else {}}
+    report.lineage = lineage(inputs, options.model_dump(), out / "train.jsonl")
+    write_json_atomic(out / "split.report.json", report.to_json())
+    return report
+
+
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def _content(record: dict) -> dict:
+    """What identifies a record's content for hashing: its shape fields, not where it came from."""
+    return {k: v for k, v in record.items() if k not in ("provenance", "meta")}
+
+
+def _assign_splits(keys: list[tuple[bytes, str | None]], validation: float, test: float) -> list[str]:
+    groups: dict[str | None, list[int]] = {}
+    for i, (_, label) in enumerate(keys):
+        groups.setdefault(label, []).append(i)
+    assignment = ["train"] * len(keys)
+    for ix in groups.values():
+        ranked = sorted(ix, key=lambda i: (keys[i][0], i))
+        n_test, n_val = _three_way_counts(len(ranked), validation, test)
+        for i in ranked[:n_test]:
+            assignment[i] = "test"
+        for i in ranked[n_test:n_test + n_val]:
+            assignment[i] = "validation"
+    return assignment
+
+
+def _three_way_counts(n: int, validation: float, test: float) -> tuple[int, int]:
+    """(test, validation) counts for a group of n: rounded shares, at least one each when the group
+    is big enough to give one to every split, and never all of the group."""
+    n_test, n_val = int(n * test + 0.5), int(n * validation + 0.5)
+    # Test first, then validation: each asked-for split gets one record while training keeps at least one.
+    if test > 0 and n_test == 0 and n - n_val >= 2:
+        n_test = 1
+    if validation > 0 and n_val == 0 and n - n_test >= 2:
+        n_val = 1
+    while n_test + n_val > n - 1 and (n_test or n_val):
+        if n_val >= n_test and n_val:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return n_test, n_val

@@ -104,7 +104,7 @@ def run_stage(stage: str, records: Iterable[dict | Problem], out: str | Path, tr
     report = StageReport(stage=stage, output=str(out))
     rejected: Counter[str] = Counter()
     started = time.perf_counter()
-    with _AtomicWriter(out) as kept, _AtomicWriter(rejects_path(out)) as refused:
+    with AtomicWriter(out) as kept, AtomicWriter(rejects_path(out)) as refused:
         for item in records:
             report.records_in += 1
             if isinstance(item, Problem):
@@ -244,7 +244,7 @@ def write_json_atomic(path: str | Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-class _AtomicWriter:
+class AtomicWriter:
     """A text file written under a temporary name and renamed into place only when the block succeeds."""
 
     def __init__(self, path: Path):
