@@ -77,4 +77,46 @@ def data_split(inputs: list[Path] = typer.Argument(..., help="Record files (.jso
         out.print(f"  {name}: {info['records']} records -> {escape(info['path'])}", highlight=False)
 
 
+@data_app.command("card")
+def data_card(inputs: list[Path] = typer.Argument(..., help="Record files (.jsonl/.csv/.parquet)."),
+              out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for card.md/json and plots "
+                                                     "(default: FILE.card next to the first file)."),
+              model: str = typer.Option("smollm2-135m-instruct", help="Model whose tokenizer and size to use."),
+              method: str = typer.Option("lora", help="lora or full: the method the time estimate is for."),
+              max_seq_len: int = typer.Option(1024, help="Longer examples count as truncated."),
+              tokens_per_second: Optional[float] = typer.Option(None, help="Your measured training speed."),
+              scan_limit: int = typer.Option(20000, help="Scan this many records for near duplicates and PII.")):
+    """Dataset card: counts, token lengths (PNG), labels, duplicates, PII, training tokens and time per epoch."""
+    from pydantic import ValidationError
+
+    from hone.cli_common import quiet_libraries
+    from hone.data.card import CardOptions, card, render_markdown
+
+    quiet_libraries()
+    target = out_dir or inputs[0].with_suffix(".card")
+    try:
+        options = CardOptions(model=model, method=method, max_seq_len=max_seq_len,
+                              tokens_per_second=tokens_per_second, scan_limit=scan_limit)
+        info = card(inputs, target, options)
+    except ValidationError as e:
+        fail(f"bad card option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
+    except user_errors() as e:
+        fail(str(e))
+    out.print(render_markdown(info), highlight=False, markup=False)
+    out.print(f"wrote {escape(str(target / 'card.md'))}, card.json and {', '.join(info['plots'])}", highlight=False)
+
+
+@data_app.command("prepare")
+def data_prepare(recipe: Path = typer.Argument(..., help="Recipe YAML: sources and steps (see the README).")):
+    """Run a whole data pipeline recipe (ingest -> clean -> ... -> split) reproducibly."""
+    from hone.data.recipe import prepare
+
+    try:
+        summary = prepare(recipe, on_stage=print_stage)
+    except user_errors() as e:
+        fail(str(e))
+    out.print("[bold]prepared:[/bold] " + ", ".join(f"{k} {escape(v)}" for k, v in summary["files"].items()),
+              highlight=False)
+
+
 # --- end of commands ---

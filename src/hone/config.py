@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -30,7 +30,10 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: str = Field(..., description="Training file: .jsonl, .csv or .parquet.")
+    train: str | None = Field(None, description="Training file: .jsonl, .csv or .parquet (or give data.prepare).")
+    prepare: str | None = Field(None, description=(
+        "A `hone data prepare` recipe (YAML) run before training; its train (and validation) files become "
+        "data.train (and data.validation)."))
     validation: str | None = Field(None, description=(
         "Held-out file. When absent, a deterministic validation split is carved from train."))
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of train held out when no validation file is given.")
@@ -48,6 +51,12 @@ class DataConfig(Section):
     loss_on: Literal["assistant", "all"] = Field("assistant", description=(
         "Train on assistant tokens only (each turn's end-of-turn token included) or on every token."))
     dedupe: bool = Field(True, description="Reject exact duplicate examples (reported as problems).")
+
+    @model_validator(mode="after")
+    def _needs_data(self):
+        if not self.train and not self.prepare:
+            raise ValueError("give data.train (a data file) or data.prepare (a `hone data prepare` recipe)")
+        return self
 
 
 class LoraConfig(Section):
@@ -156,7 +165,7 @@ def _resolve_data_paths(raw: dict, base: Path) -> None:
     data = raw.get("data")
     if not isinstance(data, dict):
         return
-    for key in ("train", "validation"):
+    for key in ("train", "validation", "prepare"):
         v = data.get(key)
         if isinstance(v, str) and v and not Path(v).is_absolute() and (base / v).exists():
             data[key] = str(base / v)

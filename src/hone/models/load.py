@@ -64,6 +64,33 @@ def load_model(base: str, *, allow_download: bool = False, trust_remote_code: bo
     return Loaded(*_load_hub(base, dtype, trust_remote_code), description=f"hub:{base}")
 
 
+def load_tokenizer(base: str, *, trust_remote_code: bool = False):
+    """(tokenizer, parameter count) for any accepted `base` without reading its weights (for data cards).
+
+    The parameter count comes from the config, by building the model on the meta device (no memory).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(base).expanduser()
+    if base == EMBEDDED_MODEL:
+        p = embedded_model_dir()
+    elif p.is_dir() and (p / "final").is_dir() and (p / "config.yaml").is_file():
+        import yaml
+
+        return load_tokenizer(yaml.safe_load((p / "config.yaml").read_text())["model"]["base"])
+    elif p.is_file() and p.suffix == ".gguf":
+        model, tok = _load_gguf(p, torch.float32)
+        return tok, sum(t.numel() for t in model.parameters())
+    elif not (p / "config.json").is_file():
+        raise ModelError(f"model '{base}': expected '{EMBEDDED_MODEL}', a model directory, a hone run "
+                         "directory or a .gguf file")
+    tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return tok, sum(t.numel() for t in shell.parameters())
+
+
 def embedded_model_dir() -> Path:
     """The embedded model as a safetensors HF directory, converted from the packaged GGUF on first use."""
     target = cache_dir() / "models" / EMBEDDED_MODEL

@@ -45,7 +45,7 @@ class RunOutcome:
 
 def resolve_run_dir(cfg: RunConfig, resume: bool) -> Path:
     root = Path(cfg.output_dir)
-    base = cfg.name or f"{Path(cfg.data.train).stem}-{cfg.method}"
+    base = cfg.name or f"{Path(cfg.data.prepare or cfg.data.train).stem}-{cfg.method}"
     candidates = [root / base] + sorted((p for p in root.glob(f"{base}-*") if p.name[len(base) + 1:].isdigit()),
                                         key=lambda p: int(p.name[len(base) + 1:]))
     existing = [p for p in candidates if p.exists()]
@@ -101,6 +101,20 @@ def write_manifest(run_dir: Path, **updates) -> dict:
     return manifest
 
 
+def data_lineage(train_file: str) -> dict | None:
+    """The `hone data` report that produced the training file, if any: the chain back to the raw export."""
+    from hone.data.stage import report_path
+
+    p = Path(train_file)
+    for candidate in (report_path(p), p.parent / "split.report.json"):
+        if candidate.is_file():
+            try:
+                return {"report": str(candidate), **json.loads(candidate.read_text())["lineage"]}
+            except (json.JSONDecodeError, KeyError):
+                return {"report": str(candidate), "error": "unreadable report"}
+    return None
+
+
 def initial_manifest(cfg: RunConfig) -> dict:
     import peft
     import transformers
@@ -109,7 +123,8 @@ def initial_manifest(cfg: RunConfig) -> dict:
             "transformers": transformers.__version__, "peft": peft.__version__, "platform": platform.platform(),
             "command": sys.argv, "seed": cfg.train.seed, "device": str(pick_device()),
             "data": {"train": cfg.data.train, "train_sha256": file_sha256(cfg.data.train),
-                     "validation": cfg.data.validation, "validation_sha256": file_sha256(cfg.data.validation)},
+                     "validation": cfg.data.validation, "validation_sha256": file_sha256(cfg.data.validation),
+                     "lineage": data_lineage(cfg.data.train)},
             "started": _now(), "status": "running"}
 
 
@@ -155,6 +170,8 @@ def run_eval_once(run_dir: Path, name: str, model, tokenizer, data: PreparedData
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True) -> RunOutcome:
+    if cfg.data.prepare:
+        cfg = run_prepare_stage(cfg)
     run_dir = resolve_run_dir(cfg, resume)
     data = validate_data(cfg.data, cfg.train.seed)  # bad data stops us before any model is loaded
     if resume:
@@ -173,6 +190,17 @@ def run_training(cfg: RunConfig, *, resume: bool = False, show_progress: bool = 
         log.event("error", f"run failed: {e}")
         write_manifest(run_dir, status="failed", error=str(e), ended=_now())
         raise
+
+
+def run_prepare_stage(cfg: RunConfig) -> RunConfig:
+    """Run the data.prepare recipe and point data.train/validation at its outputs (the same recipe and
+    sources give the same files, so a resumed run sees the data it started with)."""
+    from hone.data.recipe import prepare
+
+    files = prepare(Path(cfg.data.prepare))["files"]
+    data = cfg.data.model_copy(update={"train": files["train"],
+                                       "validation": files.get("validation", cfg.data.validation)})
+    return cfg.model_copy(update={"data": data})
 
 
 def _run(cfg: RunConfig, run_dir: Path, data, log: RunLog, show_progress: bool) -> RunOutcome:
