@@ -119,4 +119,263 @@ def data_prepare(recipe: Path = typer.Argument(..., help="Recipe YAML: sources a
               highlight=False)
 
 
+@data_app.command("ingest")
+def data_ingest(
+    sources: list[Path] = typer.Argument(..., help="Files or folders: .jsonl/.csv/.parquet records, .txt/.md "
+                                         "documents, .eml/.mbox e-mail, a Slack export folder, a tickets CSV."),
+    out_file: Path = typer.Option(..., "--out", help="Write the records here (JSON Lines); rejects and report "
+                                  "go next to it."),
+    kind: str = typer.Option("auto", help="Source kind for every input: auto|records|docs|email|slack|tickets."),
+    tickets: bool = typer.Option(False, "--tickets", help="Same as --kind tickets."),
+    column: Optional[list[str]] = typer.Option(None, "--column", help="Tickets column mapping ROLE=COLUMN, "
+                                               "repeatable; roles: question answer label customer id thread."),
+    encoding: str = typer.Option("auto", help="Encoding of tickets CSVs and documents: auto (UTF-8, BOM, "
+                                 "UTF-16, then cp1252) or a codec name such as cp1252."),
+):
+    """Turn raw exports (mail, chat, tickets, documents, records) into hone records with provenance."""
+    import pydantic
+
+    from hone.data.ingest import IngestOptions, ingest
+
+    if tickets and kind not in ("auto", "tickets"):
+        fail(f"--tickets conflicts with --kind {kind}")
+    columns = {}
+    for item in column or []:
+        role, sep, name = item.partition("=")
+        if not sep or not role.strip() or not name.strip():
+            fail(f"--column {item!r}: expected ROLE=COLUMN, e.g. --column question=Body")
+        columns[role.strip()] = name.strip()
+    try:
+        options = IngestOptions(kind="tickets" if tickets else kind, columns=columns, encoding=encoding)
+    except pydantic.ValidationError as e:
+        flags = {"columns": "--column", "kind": "--kind", "encoding": "--encoding"}
+        fail("; ".join(f"{flags.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else 'options'}: {err['msg']}"
+                       for err in e.errors()))
+    try:
+        report = ingest(sources, out_file, options)
+    except user_errors() as e:
+        fail(str(e))
+    print_stage(report)
+
+
+def _option_errors(e, flags: dict[str, str]) -> str:
+    """A pydantic ValidationError of stage options, in the words of the command line's flags."""
+    return "; ".join(f"{flags.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else 'options'}: {err['msg']}"
+                     for err in e.errors())
+
+
+@data_app.command("clean")
+def data_clean(
+    inputs: list[Path] = typer.Argument(..., help="Record files (.jsonl/.csv/.parquet), e.g. from `hone data ingest`."),
+    out_file: Path = typer.Option(..., "--out", help="Write the cleaned records here (JSON Lines); rejects and "
+                                  "report go next to it."),
+    min_chars: int = typer.Option(1, help="Reject records with fewer characters (all text fields) as too_short."),
+    max_chars: Optional[int] = typer.Option(None, help="Reject records with more characters as too_long."),
+    html: bool = typer.Option(True, "--html/--no-html", help="Convert fields that look like HTML to text."),
+    fix_unicode: bool = typer.Option(True, "--fix-unicode/--no-fix-unicode", help="Repair mojibake with ftfy."),
+    email: str = typer.Option("auto", help="Strip quoted replies and signatures: auto (records from e-mail), "
+                              "always, never."),
+):
+    """Repair Unicode, tidy whitespace, HTML to text, strip e-mail quotes/signatures, filter by length."""
+    import pydantic
+
+    from hone.data.clean import CleanOptions, clean
+
+    try:
+        options = CleanOptions(min_chars=min_chars, max_chars=max_chars, html=html, fix_unicode=fix_unicode,
+                               email=email)
+    except pydantic.ValidationError as e:
+        fail(_option_errors(e, {"min_chars": "--min-chars", "max_chars": "--max-chars", "email": "--email"}))
+    try:
+        report = clean(inputs, out_file, options)
+    except user_errors() as e:
+        fail(str(e))
+    print_stage(report)
+    fixes = report.details.get("records_with_fix", {})
+    out.print("  records fixed: " + ", ".join(f"{k} {v}" for k, v in fixes.items()), highlight=False)
+
+
+@data_app.command("dedup")
+def data_dedup(
+    inputs: list[Path] = typer.Argument(..., help="Record files (.jsonl/.csv/.parquet)."),
+    out_file: Path = typer.Option(..., "--out", help="Write the kept records here (JSON Lines); rejects and "
+                                  "report (with the clusters) go next to it."),
+    threshold: float = typer.Option(0.8, help="Estimated Jaccard similarity at or above which records are "
+                                    "near duplicates."),
+    num_perm: int = typer.Option(128, help="MinHash permutations (more: more accurate, slower)."),
+    near: bool = typer.Option(True, "--near/--no-near", help="Also drop near duplicates (MinHash LSH)."),
+    eval_files: Optional[list[Path]] = typer.Option(None, "--eval", help="Evaluation file, repeatable: records "
+                                                   "matching one of its records are contaminated."),
+    keep_contaminated: bool = typer.Option(False, "--keep-contaminated", help="Only flag contaminated records "
+                                           "in the report instead of dropping them."),
+):
+    """Drop exact and near duplicates (kept: the first of each cluster) and records leaking eval sets."""
+    import pydantic
+
+    from hone.data.dedup import DedupOptions, dedup
+
+    try:
+        options = DedupOptions(threshold=threshold, num_perm=num_perm, near=near, eval_files=eval_files or [],
+                               keep_contaminated=keep_contaminated)
+    except pydantic.ValidationError as e:
+        fail(_option_errors(e, {"threshold": "--threshold", "num_perm": "--num-perm", "eval_files": "--eval"}))
+    try:
+        report = dedup(inputs, out_file, options)
+    except user_errors() as e:
+        fail(str(e))
+    print_stage(report)
+    d = report.details
+    out.print(f"  clusters: {d['clusters_total']} (duplicate {d['duplicate']}, near_duplicate "
+              f"{d['near_duplicate']}, conflicting_label {d['conflicting_label']})", highlight=False)
+    if "contamination" in d:
+        c = d["contamination"]
+        action = "dropped" if c["action"] == "drop" else "flagged only"
+        out.print(f"  contamination: {c['matches_total']} records match {c['eval_records_matched']} of "
+                  f"{c['eval_unique']} distinct eval records ({action})", highlight=False)
+
+
+def _flag_errors(e, flags: dict[str, str]) -> str:
+    """A pydantic ValidationError of convert/synth options, in the words of the command line's flags."""
+    return "; ".join(f"{flags.get(str(err['loc'][0]), '--' + str(err['loc'][0]).replace('_', '-')) if err['loc'] else 'options'}: "
+                     f"{err['msg']}" for err in e.errors())
+
+
+@data_app.command("convert")
+def data_convert(
+    inputs: list[Path] = typer.Argument(..., help="Record files (.jsonl/.csv/.parquet), or .md/.txt documents "
+                                        "and folders of them."),
+    out_file: Path = typer.Option(..., "--out", help="Write the converted records here (JSON Lines); rejects "
+                                  "and report go next to it."),
+    to: str = typer.Option(..., "--to", help="qa: FAQ documents -> Q&A chats; chunks: documents -> pretraining "
+                           "chunks; chat: threads -> conversations; routing: text+label -> chats with the label "
+                           "set; preference: rated answers -> chosen/rejected pairs."),
+    agent: Optional[list[str]] = typer.Option(None, "--agent", help="chat: who answers (assistant): e-mail, "
+                                              "@domain or Slack user name/id; repeatable."),
+    system: Optional[str] = typer.Option(None, help="chat: system prompt for every conversation."),
+    chunk_size: int = typer.Option(1500, help="chunks: largest chunk (in --chunk-unit)."),
+    chunk_overlap: int = typer.Option(200, help="chunks: overlap between consecutive chunks."),
+    chunk_unit: str = typer.Option("chars", help="chunks: chars or tokens (of --tokenizer)."),
+    tokenizer: str = typer.Option("smollm2-135m-instruct", help="chunks: model whose tokenizer counts tokens."),
+    instruction: Optional[str] = typer.Option(None, help="routing: system prompt; {labels} becomes the label list."),
+    label: Optional[list[str]] = typer.Option(None, "--label", help="routing: the label set (repeatable); "
+                                              "default: every label found."),
+    prompt_field: str = typer.Option("prompt", help="preference: the prompt field."),
+    answer_field: Optional[list[str]] = typer.Option(None, "--answer-field", help="preference: answer field(s); "
+                                                     "default answer, completion."),
+    rating_field: str = typer.Option("rating", help="preference: the rating field."),
+    pairs: str = typer.Option("best_worst", help="preference: best_worst (one pair per prompt) or all."),
+    min_margin: float = typer.Option(0.0, help="preference: smallest rating difference for a pair."),
+):
+    """Turn one shape into another: FAQ docs -> Q&A, docs -> chunks, threads -> chats, labels -> routing,
+    ratings -> preference pairs."""
+    import pydantic
+
+    from hone.data.convert import ConvertError, ConvertOptions, convert
+
+    given = {"to": to, "agents": agent or [], "system": system, "chunk_size": chunk_size,
+             "chunk_overlap": chunk_overlap, "chunk_unit": chunk_unit, "tokenizer": tokenizer, "labels": label or None,
+             "prompt_field": prompt_field, "rating_field": rating_field, "pairs": pairs, "min_margin": min_margin}
+    if instruction is not None:
+        given["instruction"] = instruction
+    if answer_field:
+        given["answer_fields"] = answer_field
+    try:
+        options = ConvertOptions(**given)
+    except pydantic.ValidationError as e:
+        fail(_flag_errors(e, {"agents": "--agent", "labels": "--label", "answer_fields": "--answer-field"}))
+    try:
+        report = convert(inputs, out_file, options)
+    except (*user_errors(), ConvertError) as e:
+        fail(str(e))
+    print_stage(report)
+
+
+@data_app.command("synth")
+def data_synth(
+    inputs: list[Path] = typer.Argument(..., help="Documents: .md/.txt files or folders, or {\"text\"} record files."),
+    out_file: Path = typer.Option(..., "--out", help="Write the kept Q&A records here (JSON Lines); rejected "
+                                  "pairs (with reasons) and the report go next to it."),
+    teacher: str = typer.Option("smollm2-135m-instruct", help="Local teacher: embedded name, model dir, .gguf "
+                                "or run dir."),
+    teacher_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint base URL (instead of a "
+                                              "local teacher), e.g. https://api.openai.com/v1."),
+    api_key: Optional[str] = typer.Option(None, envvar="HONE_TEACHER_API_KEY", help="Endpoint API key "
+                                          "(or env HONE_TEACHER_API_KEY); never written to the report."),
+    teacher_model: Optional[str] = typer.Option(None, help="Model name to ask the endpoint for."),
+    pairs_per_chunk: int = typer.Option(3, help="Q&A pairs asked for per chunk."),
+    chunk_chars: int = typer.Option(1500, help="Largest chunk given to the teacher, in characters."),
+    min_support: float = typer.Option(0.7, help="Share of an answer's content words that must be in the chunk."),
+    max_chunks: Optional[int] = typer.Option(None, help="Stop after this many chunks (a trial run)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Longest teacher output per chunk, in tokens "
+                                                 "(default 64 per pair asked for)."),
+):
+    """Have a teacher model write Q&A pairs grounded in each document chunk; keep only supported answers."""
+    import pydantic
+
+    from hone.cli_common import quiet_libraries
+    from hone.data.synth import SynthOptions, TeacherError, synth
+
+    try:
+        options = SynthOptions(teacher=teacher, teacher_url=teacher_url, api_key=api_key,
+                               teacher_model=teacher_model, pairs_per_chunk=pairs_per_chunk,
+                               chunk_chars=chunk_chars, min_support=min_support, max_chunks=max_chunks,
+                               max_new_tokens=max_new_tokens)
+    except pydantic.ValidationError as e:
+        fail(_flag_errors(e, {}))
+    if not teacher_url:
+        quiet_libraries()
+    try:
+        report = synth(inputs, out_file, options)
+    except (*user_errors(), TeacherError) as e:
+        fail(str(e))
+    print_stage(report)
+    d = report.details
+    out.print(f"  documents {d['documents']}, chunks {d['chunks']}, pairs generated {d['pairs_generated']}, "
+              f"kept {d['pairs_kept']} (acceptance {d['acceptance_rate']}), "
+              f"{d['seconds_per_chunk']} s per chunk", highlight=False)
+
+
+@data_app.command("redact")
+def data_redact(inputs: list[Path] = typer.Argument(..., help="Record files (.jsonl/.csv/.parquet)."),
+                out_file: Path = typer.Option(..., "--out", help="Output JSONL (+ .rejects.jsonl, .report.json)."),
+                mode: str = typer.Option("mask", help="mask (<EMAIL>), pseudonym (<EMAIL_1>, same value -> "
+                                         "same name in the run) or drop (reject records holding PII)."),
+                types: Optional[str] = typer.Option(None, help="Comma-separated PII types (default: all): "
+                                                    "EMAIL,PHONE,CREDIT_CARD,IBAN,IP_ADDRESS,US_SSN,UK_NINO,"
+                                                    "NATIONAL_ID,URL_WITH_TOKEN,SECRET,PERSON."),
+                allow: Optional[list[str]] = typer.Option(None, help="A value never to redact (repeatable), "
+                                                          "e.g. your own support@ address."),
+                threshold: float = typer.Option(0.5, help="Minimum detector score, 0-1."),
+                engine: str = typer.Option("auto", help="auto (Presidio if it starts, else regex), presidio, "
+                                           "or regex."),
+                ner_model: Optional[str] = typer.Option(None, help="Installed spaCy pipeline (name or path) "
+                                                        "for PERSON anywhere; default: names in clear contexts.")):
+    """Find PII (e-mail, phone, cards, IBAN, IP, national IDs, tokened URLs, secrets, names) and redact it."""
+    from pydantic import ValidationError
+
+    from hone.data.redact import RedactOptions, redact
+
+    try:
+        fields = {"mode": mode, "threshold": threshold, "allow": allow or [], "engine": engine,
+                  "ner_model": ner_model}
+        if types:
+            fields["types"] = [t for t in types.split(",") if t.strip()]
+        options = RedactOptions(**fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        fail(f"bad redact option --{'-'.join(str(x) for x in first['loc'][:1])}: "
+             f"{first['msg'].removeprefix('Value error, ')}")
+    try:
+        report = redact(inputs, out_file, options)
+    except user_errors() as e:
+        fail(str(e))
+    print_stage(report)
+    d = report.details
+    found = ", ".join(f"{t} {n}" for t, n in d["spans_found"].items() if n) or "none"
+    out.print(f"  PII spans found ({d['engine']} engine): {escape(found)}; "
+              f"{d['records_changed']} records changed", highlight=False)
+    if d.get("engine_note"):
+        out.print(f"  note: {escape(d['engine_note'])}", highlight=False)
+
+
 # --- end of commands ---

@@ -12,7 +12,6 @@ the slow part; they look at the first `scan_limit` records and the card says so 
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -247,6 +246,11 @@ def _plots(stats: _Stats, info: dict, out_dir: Path, max_seq_len: int) -> list[s
     return made
 
 
+def _counts(found: dict) -> str:
+    items = [f"{k.replace('_', ' ')} {v}" for k, v in found.items() if k not in ("scanned", "complete")]
+    return ", ".join(items) or "none"
+
+
 def render_markdown(info: dict) -> str:
     t, r, e = info["tokens"], info["records"], info["estimate"]
     lines = [f"# Dataset card: {', '.join(Path(f['path']).name for f in info['files'])}", "",
@@ -259,8 +263,8 @@ def render_markdown(info: dict) -> str:
              f"- exact duplicates: {info['exact_duplicates']}"]
     nd, pii = info["near_duplicates"], info["pii"]
     scope = "" if nd["complete"] else f" (first {nd['scanned']} records)"
-    lines.append(f"- near duplicates{scope}: {json.dumps({k: v for k, v in nd.items() if k not in ('scanned', 'complete')})}")
-    lines.append(f"- PII{scope}: {json.dumps({k: v for k, v in pii.items() if k not in ('scanned', 'complete')})}")
+    lines.append(f"- duplicates as `hone data dedup` finds them{scope}: {_counts(nd)}")
+    lines.append(f"- PII as `hone data redact` finds it{scope}: {_counts(pii)}")
     minutes = e["seconds_per_epoch"] / 60 if e["seconds_per_epoch"] else None
     lines.append(f"- one epoch ({e['method']}, {info['parameters'] / 1e6:.1f}M parameters): {e['tokens_per_epoch']:,} "
                  f"tokens, ~{e['tokens_per_second']:,.0f} tokens/s ({e['speed_from']})"
