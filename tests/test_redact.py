@@ -251,3 +251,14 @@ def test_cli(tmp_path):
     missing = runner.invoke(app, ["data", "redact", str(tmp_path / "nope.jsonl"), "--out", str(out),
                                   "--engine", "regex"])
     assert missing.exit_code == 2 and "not found" in missing.output
+
+
+def test_falls_back_to_regex_when_presidio_cannot_import(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "presidio_analyzer", None)  # `import presidio_analyzer` now fails
+    detector = Detector(RedactOptions())
+    assert detector.engine == "regex" and "Presidio unavailable" in detector.engine_note
+    assert _found(detector, "mail a@b.com") == [("EMAIL", "a@b.com")]
+    with pytest.raises(DataError, match="Presidio cannot start"):
+        Detector(RedactOptions(engine="presidio"))

@@ -162,32 +162,46 @@ def _presidio_analyze(types: list[str], ner_model: str | None) -> Callable[[str,
     """An analyse function over one reused Presidio AnalyzerEngine with only the recognisers `types` need."""
     _tldextract_offline()
     with _without_optional("torch", "transformers"):
+        import presidio_analyzer.predefined_recognizers  # noqa: F401  (the import that pulls torch in)
         import spacy
-        from presidio_analyzer import (
-            AnalyzerEngine,
-            EntityRecognizer,
-            RecognizerRegistry,
-            RecognizerResult,
-        )
+        from presidio_analyzer import AnalyzerEngine
         from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer
         from presidio_analyzer.nlp_engine import NlpArtifacts, SpacyNlpEngine
-        from presidio_analyzer.predefined_recognizers import (
-            CreditCardRecognizer,
-            EmailRecognizer,
-            IbanRecognizer,
-            IpRecognizer,
-            PhoneRecognizer,
-            SpacyRecognizer,
-            UkNinoRecognizer,
-            UsSsnRecognizer,
-        )
 
-    class _KeepScores(ContextAwareEnhancer):
+    class KeepScores(ContextAwareEnhancer):
         def enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers, context=None):
             return raw_results
 
+    engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": ner_model or "blank:en"}])
+    # Already loaded: stops Presidio from looking for (or downloading) a model.
+    engine.nlp = {"en": _load_spacy(spacy, ner_model)}
+    # Presidio's context enhancer adds 0.35 for words like "number" near a match: it lifted a phone match
+    # over the SSN it overlapped ("Social security number 078-05-1120") and moves no other decision at our
+    # scores, so scores stay as the recognisers give them. Without an NER model the spaCy pass fed only that
+    # enhancer (half of the time): the analyser gets empty artifacts instead.
+    no_nlp = None if ner_model else NlpArtifacts(entities=[], tokens=[], tokens_indices=[], lemmas=[],
+                                                 nlp_engine=engine, language="en")
+    analyzer = AnalyzerEngine(registry=_presidio_registry(types, ner_model), nlp_engine=engine,
+                              supported_languages=["en"], context_aware_enhancer=KeepScores(0, 0, 0, 0))
+
+    def analyze(text: str, wanted: list[str]) -> list[Found]:
+        results = analyzer.analyze(text, language="en", entities=[_TO_PRESIDIO.get(t, t) for t in wanted],
+                                   nlp_artifacts=no_nlp)
+        return [Found(r.start, r.end, _FROM_PRESIDIO.get(r.entity_type, r.entity_type), r.score)
+                for r in results]
+
+    return analyze
+
+
+def _presidio_registry(types: list[str], ner_model: str | None):
+    """Presidio's recognisers for `types`, hone's patterns beside them, and spaCy NER if a model is given."""
+    from presidio_analyzer import EntityRecognizer, RecognizerRegistry, RecognizerResult
+    from presidio_analyzer.predefined_recognizers import (CreditCardRecognizer, EmailRecognizer, IbanRecognizer,
+                                                          IpRecognizer, PhoneRecognizer, SpacyRecognizer,
+                                                          UkNinoRecognizer, UsSsnRecognizer)
+
     class HonePatterns(EntityRecognizer):
-        """pii_patterns.py as a Presidio recogniser (the types and formats Presidio's own lack)."""
+        """pii_patterns.py as a Presidio recogniser."""
 
         def __init__(self, patterns):
             self.patterns = patterns
@@ -198,13 +212,10 @@ def _presidio_analyze(types: list[str], ner_model: str | None) -> Callable[[str,
             pass
 
         def analyze(self, text, entities, nlp_artifacts=None):
-            types = [_FROM_PRESIDIO.get(e, e) for e in entities]
+            wanted = [_FROM_PRESIDIO.get(e, e) for e in entities]
             return [RecognizerResult(_TO_PRESIDIO.get(f.type, f.type), f.start, f.end, f.score)
-                    for f in find_with_patterns(text, types, self.patterns)]
+                    for f in find_with_patterns(text, wanted, self.patterns)]
 
-    nlp = _load_spacy(spacy, ner_model)
-    engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": ner_model or "blank:en"}])
-    engine.nlp = {"en": nlp}  # already loaded: stops Presidio from looking for (or downloading) a model
     # libphonenumber's matcher is the costliest recogniser, and it runs once per region: keep the regions
     # whose national formats tickets here carry (numbers written with +country code match in any region).
     phone = PhoneRecognizer(supported_regions=("US", "GB", "DE"))
@@ -224,22 +235,7 @@ def _presidio_analyze(types: list[str], ner_model: str | None) -> Callable[[str,
         registry.add_recognizer(HonePatterns(ours))
     if ner_model and "PERSON" in types:
         registry.add_recognizer(SpacyRecognizer(supported_entities=["PERSON"]))
-    # Presidio's context enhancer adds 0.35 for words like "number" near a match: it lifted a phone match
-    # over the SSN it overlapped ("Social security number 078-05-1120") and moves no other decision at our
-    # scores, so scores stay as the recognisers give them. Without an NER model the spaCy pass fed only that
-    # enhancer (half of the time): the analyser gets empty artifacts instead.
-    no_nlp = None if ner_model else NlpArtifacts(entities=[], tokens=[], tokens_indices=[], lemmas=[],
-                                                 nlp_engine=engine, language="en")
-    analyzer = AnalyzerEngine(registry=registry, nlp_engine=engine, supported_languages=["en"],
-                              context_aware_enhancer=_KeepScores(0, 0, 0, 0))
-
-    def analyze(text: str, wanted: list[str]) -> list[Found]:
-        results = analyzer.analyze(text, language="en", entities=[_TO_PRESIDIO.get(t, t) for t in wanted],
-                                   nlp_artifacts=no_nlp)
-        return [Found(r.start, r.end, _FROM_PRESIDIO.get(r.entity_type, r.entity_type), r.score)
-                for r in results]
-
-    return analyze
+    return registry
 
 
 def _load_spacy(spacy, ner_model: str | None):
