@@ -6,11 +6,17 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from hone.cli import app
-from hone.data.dedup import DedupOptions, dedup, normalise, record_key_text, shingles
+from hone.data import dedup as dedup_module
+from hone.data import minhash_index
+from hone.data.dedup import (DedupOptions, MinHashIndex, choose_backend, count_near_duplicates, dedup, normalise,
+                             record_key_text, shingles)
+from hone.data.minhash_index import DiskStore, MemoryStore
+from hone.data.readers import DataError
 from hone.data.stage import rejects_path, report_path
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "zu", "pe", "da", "fi"]
@@ -33,6 +39,12 @@ def _write(path: Path, rows: list) -> Path:
     return path
 
 
+@pytest.fixture(params=["memory", "disk"])
+def index(request) -> str:
+    """Every stage test runs on both index backends: they must give the same results."""
+    return request.param
+
+
 def _rejects(out: Path) -> list[dict]:
     return [json.loads(x) for x in rejects_path(out).read_text().splitlines()]
 
@@ -51,7 +63,7 @@ def test_normalised_key_and_shingles():
     assert shingles("abc") == {b"abc"} and shingles("") == set()
 
 
-def test_exact_near_conflicting_and_paraphrase(tmp_path):
+def test_exact_near_conflicting_and_paraphrase(tmp_path, index):
     src = _write(tmp_path / "in.jsonl", [
         {"text": " ".join(BASE), "label": "a"},                       # 1 kept
         {"text": " ".join(BASE).upper() + " !!", "label": "a"},       # 2 exact duplicate of 1
@@ -64,8 +76,10 @@ def test_exact_near_conflicting_and_paraphrase(tmp_path):
         {"prompt": "reset my PASSWORD", "completion": "use the link"},      # 8 exact duplicate of 7
     ])
     out = tmp_path / "dedup.jsonl"
-    report = dedup([src], out, DedupOptions())
+    report = dedup([src], out, DedupOptions(index=index))
     assert report.records_in == 8 == report.passed + report.rejected_total
+    assert report.details["params"]["index"] == index and report.details["params"]["lsh_bands_rows"] == [14, 9]
+    assert not list(tmp_path.glob(".hone-dedup-*"))  # the disk index is gone
     assert report.rejected == {"duplicate": 2, "near_duplicate": 1, "conflicting_label": 1, "invalid_json": 1}
     assert _kept_lines(out) == [1, 4, 7]
     rejects = {r["line"]: r for r in _rejects(out)}
@@ -83,18 +97,18 @@ def test_exact_near_conflicting_and_paraphrase(tmp_path):
     assert by_line[f"{src}:5"] == {"where": f"{src}:5", "similarity": 1.0, "code": "conflicting_label", "label": "b"}
 
 
-def test_threshold_and_near_off(tmp_path):
+def test_threshold_and_near_off(tmp_path, index):
     src = _write(tmp_path / "in.jsonl", [{"text": " ".join(BASE)}, {"text": " ".join(ONE_WORD_CHANGED)}])
-    assert dedup([src], tmp_path / "a.jsonl", DedupOptions(threshold=0.97)).passed == 2
-    assert dedup([src], tmp_path / "b.jsonl", DedupOptions(near=False)).passed == 2
-    report = dedup([src], tmp_path / "c.jsonl", DedupOptions(num_perm=64))
+    assert dedup([src], tmp_path / "a.jsonl", DedupOptions(index=index, threshold=0.97)).passed == 2
+    assert dedup([src], tmp_path / "b.jsonl", DedupOptions(index=index, near=False)).passed == 2
+    report = dedup([src], tmp_path / "c.jsonl", DedupOptions(index=index, num_perm=64))
     assert report.rejected == {"near_duplicate": 1}
 
 
-def test_report_caps_clusters_but_counts_all(tmp_path):
+def test_report_caps_clusters_but_counts_all(tmp_path, index):
     rows = [{"text": " ".join(_text(s))} for s in (1, 2, 3)] * 2
     src = _write(tmp_path / "in.jsonl", rows)
-    report = dedup([src], tmp_path / "out.jsonl", DedupOptions(max_report_clusters=2))
+    report = dedup([src], tmp_path / "out.jsonl", DedupOptions(index=index, max_report_clusters=2))
     assert report.rejected == {"duplicate": 3}
     assert report.details["clusters_total"] == 3 and report.details["clusters_listed"] == 2
     saved = json.loads(report_path(tmp_path / "out.jsonl").read_text())
@@ -102,7 +116,7 @@ def test_report_caps_clusters_but_counts_all(tmp_path):
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_contamination_dropped_or_flagged(tmp_path, keep):
+def test_contamination_dropped_or_flagged(tmp_path, index, keep):
     eval_file = _write(tmp_path / "eval.jsonl", [{"text": "unrelated question about invoices", "label": "x"},
                                                  {"text": " ".join(BASE), "label": "x"}, "{bad"])
     src = _write(tmp_path / "train.jsonl", [
@@ -111,7 +125,7 @@ def test_contamination_dropped_or_flagged(tmp_path, keep):
         {"text": "Unrelated question, about INVOICES!"},      # exact copy of eval line 1
     ])
     out = tmp_path / "out.jsonl"
-    report = dedup([src], out, DedupOptions(eval_files=[eval_file], keep_contaminated=keep))
+    report = dedup([src], out, DedupOptions(index=index, eval_files=[eval_file], keep_contaminated=keep))
     c = report.details["contamination"]
     assert (c["eval_records"], c["eval_unique"], c["eval_unreadable"], c["matches_total"],
             c["eval_records_matched"]) == (2, 2, 1, 2, 2)
@@ -140,7 +154,95 @@ def test_cli_dedup(tmp_path):
     result = runner.invoke(app, ["data", "dedup", str(src), "--out", str(out), "--eval", str(ev),
                                  "--keep-contaminated", "--threshold", "0.9", "--num-perm", "64"])
     assert result.exit_code == 0 and "in 3 = passed 2 + rejected 1 (duplicate 1)" in result.output
+    result = runner.invoke(app, ["data", "dedup", str(src), "--out", str(out), "--index", "disk"])
+    assert result.exit_code == 0 and "in 3 = passed 2 + rejected 1 (duplicate 1)" in result.output
+    assert json.loads(report_path(out).read_text())["details"]["params"]["index"] == "disk"
+    bad = runner.invoke(app, ["data", "dedup", str(src), "--out", str(out), "--index", "cloud"])
+    assert bad.exit_code == 2 and "--index" in bad.output
     bad = runner.invoke(app, ["data", "dedup", str(src), "--out", str(out), "--threshold", "1.5"])
     assert bad.exit_code == 2 and "--threshold" in bad.output
     missing = runner.invoke(app, ["data", "dedup", str(src), "--out", str(out), "--eval", str(tmp_path / "no.jsonl")])
     assert missing.exit_code == 2 and "no.jsonl" in missing.output
+
+
+def _variants(n_bases: int = 30) -> list[dict]:
+    """Records with every kind of duplicate: copies, one to many words changed, label flips, list labels."""
+    rng = random.Random(5)
+    rows = []
+    for b in range(n_bases):
+        base = _text(100 + b)
+        for v in range(8):
+            words = list(base)
+            for i in rng.sample(range(len(words)), [0, 1, 2, 3, 6, 10, 20, 40][v]):
+                words[i] = "w" + str(rng.randrange(1000))
+            label = ["x", "y"] if b % 7 == 0 else rng.choice("aab")
+            rows.append({"text": " ".join(words).upper() if v == 0 and b % 2 else " ".join(words), "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+def test_band_index_finds_exactly_what_minhashlsh_finds(tmp_path, monkeypatch):
+    """Our band index (both stores) gives the same candidates as datasketch's MinHashLSH it replaces."""
+    from datasketch import MinHashLSH
+
+    monkeypatch.setattr(minhash_index, "_MERGE_MIN", 50)  # exercise merges of the memory table
+    lsh = MinHashLSH(threshold=0.8, num_perm=128, weights=(0.1, 0.9))
+    stores = [MemoryStore(128), DiskStore(128, tmp_path)]
+    indexes = [MinHashIndex(0.8, 128, 1, store) for store in stores]
+    sigs = []
+    for key, row in enumerate(_variants()):
+        items = shingles(record_key_text(row))
+        indexes[0].minhash(items)
+        lsh.insert(key, indexes[0]._m, check_duplication=False)
+        sigs.append(indexes[0].minhash(items))
+        for index, store in zip(indexes, stores):
+            assert store.add(f"f:{key}", None) == key
+            index.add(key, sigs[-1])
+    assert len(stores[0].bands.hashes) > 0  # some entries were merged into the sorted arrays
+    shared = 0
+    for key, sig in enumerate(sigs):
+        indexes[0]._m.hashvalues[:] = sig
+        expected = set(lsh.query(indexes[0]._m))
+        shared += len(expected) > 1
+        for index, store in zip(indexes, stores):
+            assert set(store.candidates(minhash_index.band_hashes(sig, 14, 9))) == expected
+            assert np.array_equal(store.signature(key), sig)
+    assert shared > 30  # the variants do collide: the comparison is not vacuous
+    stores[1].close()
+
+
+def test_backends_give_identical_outputs_and_rejects(tmp_path, monkeypatch):
+    monkeypatch.setattr(minhash_index, "_MERGE_MIN", 40)
+    src = _write(tmp_path / "in.jsonl", _variants())
+    outs = {}
+    for index in ("memory", "disk"):
+        out = tmp_path / index / "out.jsonl"
+        report = dedup([src], out, DedupOptions(index=index))
+        outs[index] = (out.read_text(), rejects_path(out).read_text(), report.rejected, report.details["clusters"])
+    assert outs["memory"] == outs["disk"]
+    assert set(outs["memory"][2]) == {"duplicate", "conflicting_label", "near_duplicate"}
+    assert outs["memory"][2]["near_duplicate"] >= 60
+    assert count_near_duplicates(_variants()) == {"exact_duplicates": outs["memory"][2]["duplicate"],
+                                                  "conflicting_labels": outs["memory"][2]["conflicting_label"],
+                                                  "near_duplicates": outs["memory"][2]["near_duplicate"]}
+
+
+def test_disk_index_removed_at_the_end_and_when_the_stage_fails(tmp_path):
+    store = DiskStore(64, tmp_path)
+    assert store.path.parent == tmp_path and (store.path / "index.sqlite").is_file()
+    store.close()
+    store.close()  # twice is fine
+    assert not store.path.exists()
+    src = _write(tmp_path / "in.jsonl", [{"text": "one"}, {"text": "one"}])
+    with pytest.raises(DataError, match="missing.jsonl"):
+        dedup([src, tmp_path / "missing.jsonl"], tmp_path / "out" / "o.jsonl", DedupOptions(index="disk"))
+    assert not list((tmp_path / "out").glob(".hone-dedup-*")) and not list(tmp_path.glob(".hone-dedup-*"))
+
+
+def test_auto_index_goes_to_disk_for_big_inputs(tmp_path, monkeypatch):
+    src = _write(tmp_path / "in.jsonl", [{"text": "one"}, {"text": "two"}])
+    assert choose_backend("auto", [src]) == "memory" and choose_backend("disk", [src]) == "disk"
+    monkeypatch.setattr(dedup_module, "AUTO_DISK_BYTES", src.stat().st_size - 1)
+    assert choose_backend("auto", [src]) == "disk"
+    report = dedup([src], tmp_path / "out.jsonl", DedupOptions())
+    assert report.details["params"]["index"] == "disk" and report.passed == 2

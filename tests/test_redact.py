@@ -175,9 +175,10 @@ def test_redact_record_fields_and_drop_mode(regex_detector):
     state = RedactState(regex_detector, RedactOptions(engine="regex"))
     [out] = redact_record(dict(record), state)
     assert out["messages"][0]["content"] == "I am at <IP_ADDRESS>"
-    assert out["label"] == "bob@x.com" and out["meta"] == record["meta"]  # labels and meta untouched
+    assert out["label"] == "bob@x.com"  # labels are classes, not text: untouched
+    assert out["meta"] == {"email": "<EMAIL>"}  # meta values are redacted like text
     assert out["provenance"] == record["provenance"]
-    assert state.records_changed == 1 and state.spans["IP_ADDRESS"] == 1
+    assert state.records_changed == 1 and state.spans["IP_ADDRESS"] == 1 and state.spans["EMAIL"] == 1
     clean = {"text": "nothing to hide", "provenance": {"source": "f", "line": 4}}
     assert redact_record(clean, state) == [clean]
 
@@ -262,3 +263,24 @@ def test_falls_back_to_regex_when_presidio_cannot_import(monkeypatch):
     assert _found(detector, "mail a@b.com") == [("EMAIL", "a@b.com")]
     with pytest.raises(DataError, match="Presidio cannot start"):
         Detector(RedactOptions(engine="presidio"))
+
+
+def test_meta_is_redacted_and_known_names_found_in_text(tmp_path):
+    from hone.data.redact import RedactOptions, redact
+
+    rows = [{"text": "Hi team, my parcel is late.\n\nAna", "meta": {"from": "Ana Silva <ana.silva@example.com>",
+                                                                "thread": "<CAF1.ana@mail.example.com>"}},
+            {"text": "Hello Ana, our support team sent it today.",
+             "meta": {"from": "Acme Support <help@acme.example>", "thread": "<CAF1.ana@mail.example.com>"}}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    report = redact([src], out, RedactOptions(mode="mask", engine="regex"))
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert got[0]["text"].endswith("\n\n<PERSON>") and got[1]["text"].startswith("Hello <PERSON>,")
+    assert "support team" in got[1]["text"]  # "Support" is a word these texts use: not taken for a name
+    assert "ana" not in json.dumps(got[0]["meta"]).lower()
+    # Thread ids are pseudonymised even in mask mode, so the two messages still share a thread.
+    assert got[0]["meta"]["thread"] == got[1]["meta"]["thread"] and "EMAIL_" in got[0]["meta"]["thread"]
+    assert got[0]["provenance"]["source"] == str(src)
+    assert report.details["known_names"] == 3  # Ana, Silva, Acme

@@ -208,6 +208,9 @@ def data_dedup(
                                                    "matching one of its records are contaminated."),
     keep_contaminated: bool = typer.Option(False, "--keep-contaminated", help="Only flag contaminated records "
                                            "in the report instead of dropping them."),
+    index: str = typer.Option("auto", "--index", help="Where the index of kept records lives: memory (fastest), "
+                              "disk (SQLite next to the output, removed at the end: flat RAM for any input "
+                              "size) or auto (disk above 200 MB of input)."),
 ):
     """Drop exact and near duplicates (kept: the first of each cluster) and records leaking eval sets."""
     import pydantic
@@ -216,9 +219,10 @@ def data_dedup(
 
     try:
         options = DedupOptions(threshold=threshold, num_perm=num_perm, near=near, eval_files=eval_files or [],
-                               keep_contaminated=keep_contaminated)
+                               keep_contaminated=keep_contaminated, index=index)
     except pydantic.ValidationError as e:
-        fail(_option_errors(e, {"threshold": "--threshold", "num_perm": "--num-perm", "eval_files": "--eval"}))
+        fail(_option_errors(e, {"threshold": "--threshold", "num_perm": "--num-perm", "eval_files": "--eval",
+                                "index": "--index"}))
     try:
         report = dedup(inputs, out_file, options)
     except user_errors() as e:

@@ -12,8 +12,14 @@ grows with the records kept, never with the input):
    with `keep_contaminated` (use that to check a train/eval pair without changing anything).
 2. exact: the same normalised text as a kept record -> `duplicate` (or `conflicting_label`).
 3. near: MinHash (datasketch, `num_perm` permutations) of word 3-gram shingles, or character 5-grams
-   when a record has fewer than `short_words` words, queried in a MinHashLSH index at `threshold`;
-   candidates are confirmed by their estimated Jaccard similarity >= threshold -> `near_duplicate`.
+   when a record has fewer than `short_words` words, queried in an LSH band index (MinHashLSH's bands and
+   rows, see minhash_index.py); candidates are confirmed by their estimated Jaccard similarity >=
+   threshold -> `near_duplicate`.
+
+What is kept per kept record (file:line, label, hashes, signature) lives in a store (`index`): compact RAM
+structures (`memory`, about 1 KB a kept record), or an SQLite file in a temporary directory next to the
+output, removed at the end (`disk`: RAM stays flat whatever the input size). `auto` picks disk when the
+inputs total more than AUTO_DISK_BYTES.
 
 The first record of each cluster is kept, so the output keeps the input's order and first occurrences.
 The report lists up to `max_report_clusters` clusters (kept file:line, the dropped ones with their
@@ -29,11 +35,12 @@ import re
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from hone.data.minhash_index import DiskStore, MemoryStore, band_hashes, lsh_params, open_store
 from hone.data.readers import DataError
 from hone.data.stage import Reject, StageReport, read_records, record_texts, run_stage, where
 from hone.records import Problem
@@ -41,6 +48,10 @@ from hone.records import Problem
 _NOT_WORD = re.compile(r"[^\w\s]+|_+")
 _FIELD_SEP = "\x1f"  # a token no normalised text contains: shingles do not bridge two fields silently
 _MAX_DROPPED_LISTED = 20  # per cluster in the report; the cluster still counts them all
+# `index: auto` goes to disk above this input size: ~600k ticket-like records, whose memory index would
+# take ~0.6 GB of RAM; below it the memory index is faster and small. (Compressed parquet holds more
+# records per byte: choose `disk` explicitly for big parquet inputs.)
+AUTO_DISK_BYTES = 200 * 1024 * 1024
 
 
 class DedupOptions(BaseModel):
@@ -63,6 +74,11 @@ class DedupOptions(BaseModel):
                                     "instead of dropping them.")
     max_report_clusters: int = Field(200, ge=0, description="Clusters listed in the report (all counted).")
     seed: int = Field(1, description="Seed of the MinHash permutations.")
+    index: Literal["auto", "memory", "disk"] = Field(
+        "auto", description="Where kept records' hashes and signatures live: 'memory' (fastest, about 1 KB of "
+        "RAM per kept record), 'disk' (an SQLite file in a temporary directory next to the output, removed at "
+        "the end; RAM stays flat whatever the input size), or 'auto' (disk when the inputs total more than "
+        "200 MB, else memory). The results are the same.")
 
 
 # --- the pure pieces -------------------------------------------------------------------------------------
@@ -101,12 +117,13 @@ def jaccard_estimate(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class MinHashIndex:
-    """Kept records' MinHashes in a datasketch MinHashLSH, with their signatures for confirmation."""
+    """MinHash signatures of records, and the kept ones' LSH bands in a store, to find near duplicates."""
 
-    def __init__(self, threshold: float, num_perm: int, seed: int = 1):
-        from datasketch import MinHash, MinHashLSH
+    def __init__(self, threshold: float, num_perm: int, seed: int, store: MemoryStore | DiskStore):
+        from datasketch import MinHash
 
         self.threshold = threshold
+        self.store = store
         # crc32 is C-fast and stable across processes; datasketch's affine32 scheme pre-mixes each input
         # hash with the MurmurHash3 finaliser, so its linearity does not bias the estimate. One MinHash
         # is reused (cleared per record): making a MinHash per record costs more than hashing it.
@@ -114,46 +131,45 @@ class MinHashIndex:
         # Bands and rows weighted against false negatives (datasketch's default 0.5/0.5 finds only ~40%
         # of pairs at the threshold): every candidate is confirmed by its estimated Jaccard, so a false
         # candidate costs one comparison, while a missed one is a duplicate left in the data.
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
-        # Kept signatures in one growing array (row = key): 4 bytes a permutation, no per-object overhead.
-        self.signatures = np.empty((1024, num_perm), dtype=self._m.hashvalues.dtype)
+        self.bands, self.rows = lsh_params(threshold, num_perm)
 
-    def minhash(self, items: set[bytes]):
-        """The MinHash of `items`; valid until the next call (the object is reused)."""
+    def minhash(self, items: set[bytes]) -> np.ndarray:
+        """The MinHash signature of `items` (uint32: datasketch's values are below 2**32)."""
         self._m.clear()
         self._m.update_batch(items)
-        return self._m
+        return self._m.hashvalues.astype(np.uint32)
 
-    def best_match(self, minhash) -> tuple[int, float] | None:
+    def best_match(self, signature: np.ndarray) -> tuple[int, float] | None:
         """(key, estimated Jaccard) of the most similar indexed set at or above threshold; lowest key on ties."""
         best: tuple[int, float] | None = None
-        for key in self.lsh.query(minhash):
-            sim = jaccard_estimate(minhash.hashvalues, self.signatures[key])
+        for key in self.store.candidates(band_hashes(signature, self.bands, self.rows)):
+            sim = jaccard_estimate(signature, self.store.signature(key))
             if sim >= self.threshold and (best is None or sim > best[1] or (sim == best[1] and key < best[0])):
                 best = (key, sim)
         return best
 
-    def add(self, key: int, minhash) -> None:
-        """Index `minhash` under `key`; keys are small ints (row numbers), increasing."""
-        while key >= len(self.signatures):
-            self.signatures = np.concatenate([self.signatures, np.empty_like(self.signatures)])
-        self.lsh.insert(key, minhash, check_duplication=False)
-        self.signatures[key] = minhash.hashvalues
+    def add(self, key: int, signature: np.ndarray) -> None:
+        """Index `signature` under kept record `key`."""
+        self.store.put_signature(key, signature, band_hashes(signature, self.bands, self.rows))
 
 
 # --- the stage -------------------------------------------------------------------------------------------
 
 class Deduplicator:
-    """Streaming state of one dedup run: `check(record)` returns None (keep) or a Reject."""
+    """Streaming state of one dedup run: `check(record)` returns None (keep) or a Reject.
 
-    def __init__(self, options: DedupOptions, eval_index: EvalIndex | None = None):
+    `backend` is 'memory' or 'disk' (see minhash_index.py; a disk store's files go under `directory`).
+    Use it as a context manager, or call `close()`: that removes a disk store's temporary files.
+    """
+
+    def __init__(self, options: DedupOptions, eval_index: EvalIndex | None = None, backend: str = "memory",
+                 directory: Path | None = None):
         self.o = options
         self.eval = eval_index
-        self.index = MinHashIndex(options.threshold, options.num_perm, options.seed) if options.near else None
-        self.exact: dict[bytes, int] = {}
-        self.kept_where: list[str] = []
-        self.kept_label: list[Any] = []
-        self.clusters = _Clusters(options.max_report_clusters)
+        self.store = open_store(backend, options.num_perm, directory)
+        self.index = (MinHashIndex(options.threshold, options.num_perm, options.seed, self.store)
+                      if options.near else None)
+        self.clusters = _Clusters(options.max_report_clusters, self.store.first_drop)
         self.counts = {"duplicate": 0, "conflicting_label": 0, "near_duplicate": 0, "contaminated": 0,
                        "near_duplicate_label_differs": 0}
 
@@ -171,72 +187,80 @@ class Deduplicator:
                     eval_where, sim = hit
                     return Reject("contaminated", f"{where(record)} matches evaluation record {eval_where} "
                                                   f"(similarity {sim:.2f})")
-        label = record.get("label")
-        if self.o.exact and key in self.exact:
-            kept = self.exact[key]
-            code = "duplicate" if self.kept_label[kept] == label else "conflicting_label"
-            return self._drop(record, kept, 1.0, code)
+        kept = self.store.exact_get(key) if self.o.exact else None
+        if kept is not None:
+            return self._drop(record, kept, 1.0, None)
         if minhash is not None:
             match = self.index.best_match(minhash)
             if match is not None:
                 return self._drop(record, match[0], match[1], "near_duplicate")
-        kept = len(self.kept_where)
-        self.kept_where.append(where(record))
-        self.kept_label.append(label)
+        kept = self.store.add(where(record), record.get("label"))
         if self.o.exact:
-            self.exact[key] = kept
+            self.store.exact_put(key, kept)
         if minhash is not None:
             self.index.add(kept, minhash)
         return None
 
-    def _drop(self, record: dict, kept: int, sim: float, code: str) -> Reject:
-        self.counts[code] += 1
+    def _drop(self, record: dict, kept: int, sim: float, code: str | None) -> Reject:
+        """Reject `record` as a duplicate of kept record `kept`; code None: exact (label decides which)."""
+        kept_at, kept_label = self.store.kept(kept)
         label = record.get("label")
-        differs = self.kept_label[kept] != label
+        differs = kept_label != label
+        if code is None:
+            code = "conflicting_label" if differs else "duplicate"
+        self.counts[code] += 1
         if code == "near_duplicate" and differs:
             self.counts["near_duplicate_label_differs"] += 1
-        self.clusters.add(kept, self.kept_where[kept], self.kept_label[kept],
-                          {"where": where(record), "similarity": round(sim, 3), "code": code,
-                           **({"label": label} if differs else {})})
-        kept_at = self.kept_where[kept]
+        self.clusters.add(kept, kept_at, kept_label, {"where": where(record), "similarity": round(sim, 3),
+                                                      "code": code, **({"label": label} if differs else {})})
         if code == "duplicate":
             why = f"exact duplicate (ignoring case, punctuation and spacing) of {kept_at}"
         elif code == "conflicting_label":
-            why = f"same text as {kept_at} but label {label!r} (kept: {self.kept_label[kept]!r})"
+            why = f"same text as {kept_at} but label {label!r} (kept: {kept_label!r})"
         else:
             why = f"near duplicate of {kept_at} (estimated Jaccard {sim:.2f} >= {self.o.threshold})"
             if differs:
-                why += f", label {label!r} (kept: {self.kept_label[kept]!r})"
+                why += f", label {label!r} (kept: {kept_label!r})"
         return Reject(code, f"{where(record)}: {why}; the first is kept")
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Deduplicator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def details(self) -> dict:
         out: dict[str, Any] = {
             "params": {"exact": self.o.exact, "near": self.o.near, "threshold": self.o.threshold,
                        "num_perm": self.o.num_perm, "shingles": f"word {self.o.shingle_words}-grams "
-                       f"(character 5-grams under {self.o.short_words} words)"},
-            "kept": len(self.kept_where), **self.counts, "clusters_total": self.clusters.total,
+                       f"(character 5-grams under {self.o.short_words} words)", "index": self.store.backend},
+            "kept": len(self.store), **self.counts, "clusters_total": self.clusters.total,
             "clusters_listed": len(self.clusters.listed), "clusters": list(self.clusters.listed.values())}
         if self.index is not None:
-            out["params"]["lsh_bands_rows"] = [self.index.lsh.b, self.index.lsh.r]
+            out["params"]["lsh_bands_rows"] = [self.index.bands, self.index.rows]
         if self.eval is not None:
             out["contamination"] = self.eval.details()
         return out
 
 
 class _Clusters:
-    """Which kept records had duplicates: all counted, the first `cap` clusters listed in full."""
+    """Which kept records had duplicates: all counted, the first `cap` clusters listed in full.
 
-    def __init__(self, cap: int):
+    `first_drop(kept)` marks a kept record in the store and says whether it is a new cluster (so the
+    count needs no set growing in RAM).
+    """
+
+    def __init__(self, cap: int, first_drop):
         self.cap = cap
-        self.with_drops: set[int] = set()
+        self.first_drop = first_drop
+        self.total = 0
         self.listed: dict[int, dict] = {}
 
-    @property
-    def total(self) -> int:
-        return len(self.with_drops)
-
     def add(self, kept: int, kept_where: str, kept_label: Any, dropped: dict) -> None:
-        self.with_drops.add(kept)
+        self.total += self.first_drop(kept)
         entry = self.listed.get(kept)
         if entry is None:
             if len(self.listed) >= self.cap:
@@ -254,11 +278,12 @@ class EvalIndex:
     def __init__(self, paths: list[Path], options: DedupOptions):
         self.o = options
         self.paths = [str(p) for p in paths]
-        self.exact: dict[bytes, int] = {}
-        self.where: list[str] = []
+        # Evaluation sets are small: always in memory.
+        self.store = MemoryStore(options.num_perm)
         self.unreadable = 0
         self.read = 0
-        self.index = MinHashIndex(options.threshold, options.num_perm, options.seed) if options.near else None
+        self.index = (MinHashIndex(options.threshold, options.num_perm, options.seed, self.store)
+                      if options.near else None)
         self.hits: list[dict] = []
         self.hits_total = 0
         self.eval_hit: set[int] = set()
@@ -268,17 +293,16 @@ class EvalIndex:
                 continue
             self.read += 1
             self._add(item)
-        if not self.where:
+        if not len(self.store):
             raise DataError(f"{', '.join(self.paths)}: no readable evaluation records to check against")
 
     def _add(self, record: dict) -> None:
         text = record_key_text(record)
         key = exact_key(text)
-        if key in self.exact:
+        if self.store.exact_get(key) is not None:
             return
-        i = len(self.where)
-        self.where.append(where(record))
-        self.exact[key] = i
+        i = self.store.add(where(record), None)
+        self.store.exact_put(key, i)
         items = shingles(text, self.o.shingle_words, self.o.short_words)
         if self.index is not None and items:
             self.index.add(i, self.index.minhash(items))
@@ -289,17 +313,14 @@ class EvalIndex:
         `minhash` is the record's MinHash (None for near off or no shingles); it comes from an index with
         the same seed and num_perm, so it is comparable with this one's.
         """
-        if key in self.exact:
-            i, sim = self.exact[key], 1.0
-        elif self.index is not None and minhash is not None:
-            best = self.index.best_match(minhash)
+        i, sim = self.store.exact_get(key), 1.0
+        if i is None:
+            best = self.index.best_match(minhash) if self.index is not None and minhash is not None else None
             if best is None:
                 return None
             i, sim = best
-        else:
-            return None
         self.eval_hit.add(i)
-        return self.where[i], sim
+        return self.store.where[i], sim
 
     def record_hit(self, record: dict, hit: tuple[str, float], dropped: bool) -> None:
         self.hits_total += 1
@@ -308,7 +329,7 @@ class EvalIndex:
                               "action": "dropped" if dropped else "flagged"})
 
     def details(self) -> dict:
-        return {"eval_files": self.paths, "eval_records": self.read, "eval_unique": len(self.where),
+        return {"eval_files": self.paths, "eval_records": self.read, "eval_unique": len(self.store),
                 "eval_unreadable": self.unreadable,
                 "action": "flag" if self.o.keep_contaminated else "drop", "matches_total": self.hits_total,
                 "eval_records_matched": len(self.eval_hit), "matches": self.hits}
@@ -317,21 +338,35 @@ class EvalIndex:
 def dedup(inputs: list[Path], out: Path, options: DedupOptions) -> StageReport:
     """Run the dedup stage over `inputs` into `out` (plus rejects and report); see the module docstring."""
     eval_index = EvalIndex(list(options.eval_files), options) if options.eval_files else None
-    state = Deduplicator(options, eval_index)
+    backend = choose_backend(options.index, inputs)
+    directory = None
+    if backend == "disk":  # next to the output: same disk as the data, and the output is ours to write
+        directory = Path(out).parent
+        directory.mkdir(parents=True, exist_ok=True)
+    with Deduplicator(options, eval_index, backend, directory) as state:
 
-    def transform(record: dict):
-        reject = state.check(record)
-        return reject if reject is not None else [record]
+        def transform(record: dict):
+            reject = state.check(record)
+            return reject if reject is not None else [record]
 
-    return run_stage("dedup", read_records(inputs), out, transform, config=options.model_dump(mode="json"),
-                     inputs=[*inputs, *options.eval_files], details=state.details)
+        return run_stage("dedup", read_records(inputs), out, transform, config=options.model_dump(mode="json"),
+                         inputs=[*inputs, *options.eval_files], details=state.details)
+
+
+def choose_backend(index: str, inputs: list[Path]) -> str:
+    """'memory' or 'disk' for an `index` option: 'auto' is disk when the inputs total > AUTO_DISK_BYTES."""
+    if index != "auto":
+        return index
+    total = sum(Path(p).stat().st_size for p in inputs if Path(p).is_file())
+    return "disk" if total > AUTO_DISK_BYTES else "memory"
 
 
 def count_near_duplicates(records: Iterable[dict], options: DedupOptions | None = None) -> dict[str, int]:
     """What `hone data dedup` would drop from these records, by code (for data cards); changes nothing."""
-    dedup_state = Deduplicator(options or DedupOptions())
-    for record in records:
-        dedup_state.check(record)
+    options = options or DedupOptions()
+    with Deduplicator(options, backend="disk" if options.index == "disk" else "memory") as dedup_state:
+        for record in records:
+            dedup_state.check(record)
     c = dedup_state.counts
     return {"exact_duplicates": c["duplicate"], "conflicting_labels": c["conflicting_label"],
             "near_duplicates": c["near_duplicate"]}

@@ -81,6 +81,9 @@ class RedactOptions(BaseModel):
                              "and surrounding space (e.g. your own support@ address).")
     engine: str = Field("auto", description="auto: Presidio if it starts, else regex; presidio: Presidio or "
                         "fail; regex: hone's patterns with re only (fastest, no Presidio).")
+    known_names: bool = Field(True, description=(
+        "Also redact, anywhere in the text, the names of the people the records' meta names (e-mail From/To "
+        "display names, Slack user names, ticket customers): a first pass collects them."))
     ner_model: str | None = Field(None, description="An installed spaCy pipeline (name or path) whose NER "
                                   "finds PERSON anywhere (Presidio engine only). Without it, names are found "
                                   "only in clear contexts: greetings, sign-offs, 'my name is', 'Name:' fields.")
@@ -328,6 +331,7 @@ class RedactState:
         self.pseudonyms = Pseudonyms(salt)
         self.spans: Counter[str] = Counter()
         self.records_changed = 0
+        self.known_names: KnownNames | None = None
 
     def details(self) -> dict:
         out = {"engine": self.detector.engine, "mode": self.options.mode, "types": self.detector.types,
@@ -340,22 +344,99 @@ class RedactState:
             out["distinct_values"] = dict(self.pseudonyms.per_type)
         if self.detector.engine_note:
             out["engine_note"] = self.detector.engine_note
+        if self.known_names is not None:
+            out["known_names"] = len(self.known_names.words)
         return out
 
 
-def redact_text(text: str, state: RedactState) -> str:
+class KnownNames:
+    """Names of the people in the export, learnt from record meta, found as PERSON wherever they appear.
+
+    Support data names its people in structured fields (From: "Ana Silva <ana@...>", a Slack user name, a
+    ticket's customer) and then again in free text ("Thanks Ana", "@Tom Becker"), where no pattern
+    without an NER model can tell a name from a word. Each name word of 3+ letters is matched whole,
+    case-sensitively capitalised as names are written; adjacent name words form one span. A word that the
+    texts also use in lower case ("Support" in "Acme Support" next to "support") is a common word, not a
+    name, and is left alone.
+    """
+
+    META_KEYS = ("from", "to", "cc", "user_name", "user", "customer", "author", "name", "sender")
+    _WORD = re.compile(r"[^\W\d_][\w'’-]*")
+
+    def __init__(self, words: set[str]):
+        self.words = words
+
+    @classmethod
+    def from_records(cls, records: Iterable) -> KnownNames:
+        words: set[str] = set()
+        lower: set[str] = set()
+        for record in records:
+            if not isinstance(record, dict):
+                continue
+            for text in record_texts(record):
+                lower.update(w for w in cls._WORD.findall(text) if w[0].islower())
+            meta = record.get("meta")
+            if isinstance(meta, dict):
+                for key in cls.META_KEYS:
+                    for value in (meta.get(key) if isinstance(meta.get(key), list) else [meta.get(key)]):
+                        if isinstance(value, str):
+                            words.update(cls._name_words(value))
+        return cls({w for w in words if w.lower() not in lower})
+
+    @classmethod
+    def _name_words(cls, value: str) -> list[str]:
+        display = re.sub(r"<[^>]*>|\S+@\S+", " ", value)  # drop the address, keep "Ana Silva"
+        return [w for w in cls._WORD.findall(display) if len(w) >= 3 and w[0].isupper()]
+
+    def find(self, text: str) -> list[Found]:
+        if not self.words:
+            return []
+        spans: list[Found] = []
+        for m in self._WORD.finditer(text):
+            if m.group() in self.words:
+                if spans and text[spans[-1].end:m.start()] == " ":
+                    spans[-1] = Found(spans[-1].start, m.end(), "PERSON", 0.85)
+                else:
+                    spans.append(Found(m.start(), m.end(), "PERSON", 0.85))
+        return spans
+
+
+def redact_text(text: str, state: RedactState, *, pseudonymise: bool = False) -> str:
     """`text` with its PII replaced per the run's mode (mask for drop mode too); counts the spans."""
     spans = state.detector.find(text)
+    if state.known_names is not None:
+        names = state.known_names.find(text)
+        if names:
+            spans = resolve_overlaps(spans + names)
     if not spans:
         return text
     state.spans.update(f.type for f in spans)
-    return splice(text, spans, state.pseudonyms if state.options.mode == "pseudonym" else mask)
+    pseudonym = pseudonymise or state.options.mode == "pseudonym"
+    return splice(text, spans, state.pseudonyms if pseudonym else mask)
+
+
+# meta keys that link records (threads): pseudonymised even in mask mode, so threads still join up
+# after redaction while the ids (which often hold addresses) do not leak.
+_LINK_KEYS = ("thread", "message_id", "in_reply_to", "references")
+
+
+def _redact_meta(value, state: RedactState, key: str = ""):
+    if isinstance(value, str):
+        return redact_text(value, state, pseudonymise=key in _LINK_KEYS)
+    if isinstance(value, list):
+        return [_redact_meta(v, state, key) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact_meta(v, state, k) for k, v in value.items()}
+    return value
 
 
 def redact_record(record: dict, state: RedactState) -> list[dict] | Reject:
-    """One record with every text field redacted, or (drop mode) a Reject if it held any PII."""
+    """One record with every text field and every meta value redacted, or (drop mode) a Reject if it
+    held any PII. Provenance is kept as is: it points into the raw export, which holds the PII anyway."""
     before = Counter(state.spans)
     new = map_texts(record, lambda t: redact_text(t, state))
+    if isinstance(new.get("meta"), dict):
+        new["meta"] = _redact_meta(new["meta"], state)
     found = state.spans - before
     if not found:
         return [record]
@@ -377,6 +458,8 @@ def redact(inputs: list[Path], out: Path, options: RedactOptions) -> StageReport
         if not p.exists():
             raise DataError(f"{p}: input not found")
     state = RedactState(Detector(options), options)
+    if options.known_names and "PERSON" in state.detector.types:
+        state.known_names = KnownNames.from_records(read_records(inputs))
     config = {"stage": "redact", **options.model_dump(exclude={"allow"}),
               # allow-listed values may themselves be addresses: keep their hash, not the values
               "allow_sha256": hashlib.sha256("\n".join(sorted(options.allow)).encode()).hexdigest()}

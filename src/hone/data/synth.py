@@ -373,7 +373,8 @@ def synth_candidates(documents: Iterator[dict | Problem], teacher: Teacher, opti
                           raw=clip_raw(json.dumps(doc, ensure_ascii=False, default=str)))
             continue
         stats["documents_used"] += 1
-        for chunk in chunk_text(text, max_size=options.chunk_chars, overlap=options.chunk_overlap):
+        for chunk in chunk_text(text, max_size=options.chunk_chars,
+                                overlap=min(options.chunk_overlap, options.chunk_chars // 2)):
             if options.max_chunks is not None and stats["chunks"] >= options.max_chunks:
                 stats["stopped_at_max_chunks"] = True
                 break
