@@ -77,3 +77,20 @@ def test_train_runs_the_recipe_first(tmp_path, tiny_config, one_torch_thread):
     assert manifest["data"]["validation"].endswith("recipe.prepared/validation.jsonl")
     assert manifest["data"]["lineage"]["config"]["validation"] == 0.2
     assert outcome.run_dir.name.startswith("recipe-lora")
+
+
+def test_mailbox_to_private_chat_examples(tmp_path):
+    """A user's path: raw mbox -> clean -> threads as chats -> pseudonymised; no customer name survives."""
+    recipe = _recipe(tmp_path, [{"ingest": {}}, {"clean": {}},
+                                {"convert": {"to": "chat", "agents": ["@acme.example"]}},
+                                {"redact": {"mode": "pseudonym"}}],
+                     sources=(str(INGEST / "support.mbox"), str(INGEST / "eml")))
+    summary = prepare(recipe)
+    rows = [json.loads(x) for x in Path(summary["files"]["train"]).read_text().splitlines()]
+    assert rows, summary["stages"]
+    thread = next(r for r in rows if "charged twice" in r["messages"][0]["content"])
+    assert [m["role"] for m in thread["messages"]] == ["user", "assistant", "user", "assistant"]
+    dumped = json.dumps(rows)
+    for name in ("Ana", "Silva", "Tom", "Becker", "ana.silva@example.com"):
+        assert name not in dumped, name
+    assert "<PERSON_" in thread["messages"][1]["content"]  # "Hi Ana," -> "Hi <PERSON_1>,"

@@ -24,10 +24,16 @@ def print_stage(report) -> None:
     out.print(f"[bold]{report.stage}[/bold]: {escape(report.arithmetic())}", highlight=False)
     from hone.data.stage import rejects_path, report_path
 
-    out.print(f"  wrote {escape(report.output)} ({report.records_out} records), "
-              f"{escape(str(report_path(report.output)))}", highlight=False)
+    if report.stage == "split":
+        for name, info in report.details["splits"].items():
+            out.print(f"  {name}: {info['records']} records -> {escape(info['path'])}", highlight=False)
+    else:
+        out.print(f"  wrote {escape(report.output)} ({report.records_out} records), "
+                  f"{escape(str(report_path(report.output)))}", highlight=False)
     if report.rejected_total:
-        out.print(f"  rejects with reasons: {escape(str(rejects_path(report.output)))}", highlight=False)
+        refused = (Path(report.output) / "split.rejects.jsonl" if report.stage == "split"
+                   else rejects_path(report.output))
+        out.print(f"  rejects with reasons: {escape(str(refused))}", highlight=False)
 
 
 @data_app.command("validate")

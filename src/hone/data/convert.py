@@ -242,6 +242,7 @@ class Member:
     time: float | None = None
     rating: float = 0.0  # preference
     prompt: str = ""
+    author: str | None = None  # chat: who wrote it (meta.from / user_name ...), kept for redaction
 
 
 GroupResult = tuple[list[dict], dict[int, Reject]]
@@ -338,7 +339,9 @@ def thread_member(record: dict, agents: list[str]) -> tuple[str, Member] | Rejec
     if not turns:
         return Reject("empty", f"{where(record)}: message has no 'text' (or no user/assistant 'messages')")
     when = next((t for t in (parse_time(meta.get(k)) for k in _TIME_KEYS) if t is not None), None)
-    return str(thread), Member(0, turns[0][1], record.get("provenance") or {}, turns=turns, time=when)
+    author = next((str(meta[k]) for k in ("from", "user_name", "user", "author", "sender") if meta.get(k)), None)
+    return str(thread), Member(0, turns[0][1], record.get("provenance") or {}, turns=turns, time=when,
+                               author=author)
 
 
 def build_conversation(members: list[Member], system: str | None = None) -> GroupResult:
@@ -371,7 +374,9 @@ def build_conversation(members: list[Member], system: str | None = None) -> Grou
             messages.append({"role": role, "content": text})
     record = {"messages": ([{"role": "system", "content": system}] if system else []) + messages,
               "meta": {"thread_records": len(used), "turns": len(messages),
-                       "sources": [_where(members[k]) for k in used]},
+                       "sources": [_where(members[k]) for k in used],
+                       # who took part: `hone data redact` learns these names and finds them in the text
+                       "participants": sorted({members[k].author for k in used if members[k].author})},
               "provenance": members[used[0]].provenance}
     return [record], rejects
 

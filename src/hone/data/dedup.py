@@ -35,7 +35,7 @@ import re
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -133,24 +133,32 @@ class MinHashIndex:
         # candidate costs one comparison, while a missed one is a duplicate left in the data.
         self.bands, self.rows = lsh_params(threshold, num_perm)
 
-    def minhash(self, items: set[bytes]) -> np.ndarray:
-        """The MinHash signature of `items` (uint32: datasketch's values are below 2**32)."""
+    def minhash(self, items: set[bytes]) -> Sketch:
+        """The MinHash signature of `items` (uint32: datasketch's values are below 2**32) and its bands."""
         self._m.clear()
         self._m.update_batch(items)
-        return self._m.hashvalues.astype(np.uint32)
+        signature = self._m.hashvalues.astype(np.uint32)
+        return Sketch(signature, band_hashes(signature, self.bands, self.rows))
 
-    def best_match(self, signature: np.ndarray) -> tuple[int, float] | None:
+    def best_match(self, sketch: Sketch) -> tuple[int, float] | None:
         """(key, estimated Jaccard) of the most similar indexed set at or above threshold; lowest key on ties."""
         best: tuple[int, float] | None = None
-        for key in self.store.candidates(band_hashes(signature, self.bands, self.rows)):
-            sim = jaccard_estimate(signature, self.store.signature(key))
+        for key in self.store.candidates(sketch.bands):
+            sim = jaccard_estimate(sketch.signature, self.store.signature(key))
             if sim >= self.threshold and (best is None or sim > best[1] or (sim == best[1] and key < best[0])):
                 best = (key, sim)
         return best
 
-    def add(self, key: int, signature: np.ndarray) -> None:
-        """Index `signature` under kept record `key`."""
-        self.store.put_signature(key, signature, band_hashes(signature, self.bands, self.rows))
+    def add(self, key: int, sketch: Sketch) -> None:
+        """Index `sketch` under kept record `key`."""
+        self.store.put_signature(key, sketch.signature, sketch.bands)
+
+
+class Sketch(NamedTuple):
+    """A record's MinHash signature and its LSH band hashes (computed once, used to query and to add)."""
+
+    signature: np.ndarray
+    bands: list[int]
 
 
 # --- the stage -------------------------------------------------------------------------------------------
@@ -167,8 +175,12 @@ class Deduplicator:
         self.o = options
         self.eval = eval_index
         self.store = open_store(backend, options.num_perm, directory)
-        self.index = (MinHashIndex(options.threshold, options.num_perm, options.seed, self.store)
-                      if options.near else None)
+        try:
+            self.index = (MinHashIndex(options.threshold, options.num_perm, options.seed, self.store)
+                          if options.near else None)
+        except BaseException:
+            self.store.close()
+            raise
         self.clusters = _Clusters(options.max_report_clusters, self.store.first_drop)
         self.counts = {"duplicate": 0, "conflicting_label": 0, "near_duplicate": 0, "contaminated": 0,
                        "near_duplicate_label_differs": 0}
@@ -310,8 +322,8 @@ class EvalIndex:
     def match(self, key: bytes, minhash) -> tuple[str, float] | None:
         """(eval file:line, similarity) of the evaluation record a record matches, or None.
 
-        `minhash` is the record's MinHash (None for near off or no shingles); it comes from an index with
-        the same seed and num_perm, so it is comparable with this one's.
+        `minhash` is the record's Sketch (None for near off or no shingles); it comes from an index with
+        the same seed, threshold and num_perm, so it is comparable with this one's.
         """
         i, sim = self.store.exact_get(key), 1.0
         if i is None:

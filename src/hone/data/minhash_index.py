@@ -11,13 +11,13 @@ MinHash signature and one 64-bit hash per LSH band. Two stores hold that behind 
 
 The LSH scheme is MinHashLSH's (datasketch): `bands` x `rows` from `_optimal_param(threshold, num_perm,
 0.1, 0.9)`, band i covers signature values [i*rows, (i+1)*rows); two records are candidates when any band
-hashes equal. Band hashes here are 64-bit (blake2b salted with the band number, so one table can hold all
-bands); a collision only adds a candidate, which the caller confirms by estimated Jaccard anyway.
+hashes equal. Band hashes here are Python's 64-bit SipHash of the band number and the band's bytes (so one
+table can hold all bands); it is seeded per process, which is fine: an index lives for one run. A collision
+only adds a candidate, which the caller confirms by estimated Jaccard anyway.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -31,6 +31,7 @@ import numpy as np
 _COMMIT_EVERY = 10_000  # kept records per SQLite transaction: fewer commits, bounded dirty pages
 _SQLITE_CACHE_KIB = 64 * 1024  # SQLite's page cache: the disk store's RAM, whatever the input size
 _MERGE_MIN = 1 << 16  # band entries buffered in a dict before they are merged into the sorted arrays
+_SIG_BLOCK = 4096  # signatures per block: growing by blocks never copies (or briefly doubles) the lot
 
 
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
@@ -44,9 +45,7 @@ def band_hashes(signature: np.ndarray, bands: int, rows: int) -> list[int]:
     """One signed 64-bit hash per band of a uint32 signature (signed: SQLite integers are)."""
     data = np.ascontiguousarray(signature[:bands * rows], dtype="<u4").tobytes()
     step = rows * 4
-    return [int.from_bytes(hashlib.blake2b(data[i * step:(i + 1) * step], digest_size=8,
-                                           salt=i.to_bytes(8, "little")).digest(), "little", signed=True)
-            for i in range(bands)]
+    return [hash(i.to_bytes(2, "little") + data[i * step:(i + 1) * step]) for i in range(bands)]
 
 
 class _BandTable:
@@ -100,7 +99,7 @@ class _BandTable:
 
 class MemoryStore:
     """Kept records in RAM: lists of file:line and (interned) labels, an exact-hash dict, signatures as
-    rows of a growing uint32 array, band hashes in a `_BandTable`."""
+    rows of uint32 blocks, band hashes in a `_BandTable`."""
 
     backend = "memory"
 
@@ -109,7 +108,8 @@ class MemoryStore:
         self.labels: list[Any] = []
         self._interned: dict[Any, Any] = {}  # a few distinct labels shared by many records: one object each
         self.exact: dict[bytes, int] = {}
-        self.sigs = np.empty((1024, num_perm), np.uint32)
+        self.num_perm = num_perm
+        self.sig_blocks: list[np.ndarray] = []
         self.bands = _BandTable()
         self.dropped = bytearray()  # 1 once a kept record has had a duplicate (clusters are counted)
 
@@ -143,16 +143,18 @@ class MemoryStore:
         self.exact[digest] = key
 
     def put_signature(self, key: int, signature: np.ndarray, hashes: list[int]) -> None:
-        while key >= len(self.sigs):
-            self.sigs = np.concatenate([self.sigs, np.empty_like(self.sigs)])
-        self.sigs[key] = signature
+        block, row = divmod(key, _SIG_BLOCK)
+        while block >= len(self.sig_blocks):
+            self.sig_blocks.append(np.empty((_SIG_BLOCK, self.num_perm), np.uint32))
+        self.sig_blocks[block][row] = signature
         self.bands.put(hashes, key)
 
     def candidates(self, hashes: list[int]) -> Iterable[int]:
         return self.bands.get(hashes)
 
     def signature(self, key: int) -> np.ndarray:
-        return self.sigs[key]
+        block, row = divmod(key, _SIG_BLOCK)
+        return self.sig_blocks[block][row]
 
     def close(self) -> None:
         pass

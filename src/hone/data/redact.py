@@ -360,7 +360,7 @@ class KnownNames:
     name, and is left alone.
     """
 
-    META_KEYS = ("from", "to", "cc", "user_name", "user", "customer", "author", "name", "sender")
+    META_KEYS = ("from", "to", "cc", "user_name", "user", "customer", "author", "name", "sender", "participants")
     _WORD = re.compile(r"[^\W\d_][\w'’-]*")
 
     def __init__(self, words: set[str]):
