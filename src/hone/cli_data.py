@@ -36,6 +36,20 @@ def print_stage(report) -> None:
         out.print(f"  rejects with reasons: {escape(str(refused))}", highlight=False)
 
 
+def option_errors(e, flags: dict[str, str] | None = None) -> str:
+    """A pydantic ValidationError of stage options in the words of the command line: `--flag: problem`.
+    Fields are named by their flag (`min_chars` -> `--min-chars`) unless `flags` maps them otherwise."""
+    flags = flags or {}
+
+    def flag(err) -> str:
+        if not err["loc"]:
+            return "options"
+        name = str(err["loc"][0])
+        return flags.get(name, "--" + name.replace("_", "-"))
+
+    return "; ".join(f"{flag(err)}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+
+
 @data_app.command("validate")
 def data_validate(path: Path = typer.Argument(..., help="A .jsonl, .csv or .parquet file."),
                   rejects: Optional[Path] = typer.Option(None, help="Write bad lines with reasons here (JSONL).")):
@@ -75,7 +89,7 @@ def data_split(inputs: list[Path] = typer.Argument(..., help="Record files (.jso
         report = split(inputs, out_dir, SplitOptions(validation=validation, test=test, seed=seed,
                                                      stratify=stratify))
     except ValidationError as e:
-        fail(f"bad split option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
+        fail(option_errors(e))
     except user_errors() as e:
         fail(str(e))
     out.print(f"[bold]split[/bold]: {escape(report.arithmetic())}", highlight=False)
@@ -105,7 +119,7 @@ def data_card(inputs: list[Path] = typer.Argument(..., help="Record files (.json
                               tokens_per_second=tokens_per_second, scan_limit=scan_limit)
         info = card(inputs, target, options)
     except ValidationError as e:
-        fail(f"bad card option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
+        fail(option_errors(e))
     except user_errors() as e:
         fail(str(e))
     out.print(render_markdown(info), highlight=False, markup=False)
@@ -154,20 +168,12 @@ def data_ingest(
     try:
         options = IngestOptions(kind="tickets" if tickets else kind, columns=columns, encoding=encoding)
     except pydantic.ValidationError as e:
-        flags = {"columns": "--column", "kind": "--kind", "encoding": "--encoding"}
-        fail("; ".join(f"{flags.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else 'options'}: {err['msg']}"
-                       for err in e.errors()))
+        fail(option_errors(e, {"columns": "--column"}))
     try:
         report = ingest(sources, out_file, options)
     except user_errors() as e:
         fail(str(e))
     print_stage(report)
-
-
-def _option_errors(e, flags: dict[str, str]) -> str:
-    """A pydantic ValidationError of stage options, in the words of the command line's flags."""
-    return "; ".join(f"{flags.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else 'options'}: {err['msg']}"
-                     for err in e.errors())
 
 
 @data_app.command("clean")
@@ -191,7 +197,7 @@ def data_clean(
         options = CleanOptions(min_chars=min_chars, max_chars=max_chars, html=html, fix_unicode=fix_unicode,
                                email=email)
     except pydantic.ValidationError as e:
-        fail(_option_errors(e, {"min_chars": "--min-chars", "max_chars": "--max-chars", "email": "--email"}))
+        fail(option_errors(e))
     try:
         report = clean(inputs, out_file, options)
     except user_errors() as e:
@@ -227,7 +233,7 @@ def data_dedup(
         options = DedupOptions(threshold=threshold, num_perm=num_perm, near=near, eval_files=eval_files or [],
                                keep_contaminated=keep_contaminated, index=index)
     except pydantic.ValidationError as e:
-        fail(_option_errors(e, {"threshold": "--threshold", "num_perm": "--num-perm", "eval_files": "--eval",
+        fail(option_errors(e, {"threshold": "--threshold", "num_perm": "--num-perm", "eval_files": "--eval",
                                 "index": "--index"}))
     try:
         report = dedup(inputs, out_file, options)
@@ -242,12 +248,6 @@ def data_dedup(
         action = "dropped" if c["action"] == "drop" else "flagged only"
         out.print(f"  contamination: {c['matches_total']} records match {c['eval_records_matched']} of "
                   f"{c['eval_unique']} distinct eval records ({action})", highlight=False)
-
-
-def _flag_errors(e, flags: dict[str, str]) -> str:
-    """A pydantic ValidationError of convert/synth options, in the words of the command line's flags."""
-    return "; ".join(f"{flags.get(str(err['loc'][0]), '--' + str(err['loc'][0]).replace('_', '-')) if err['loc'] else 'options'}: "
-                     f"{err['msg']}" for err in e.errors())
 
 
 @data_app.command("convert")
@@ -292,7 +292,7 @@ def data_convert(
     try:
         options = ConvertOptions(**given)
     except pydantic.ValidationError as e:
-        fail(_flag_errors(e, {"agents": "--agent", "labels": "--label", "answer_fields": "--answer-field"}))
+        fail(option_errors(e, {"agents": "--agent", "labels": "--label", "answer_fields": "--answer-field"}))
     try:
         report = convert(inputs, out_file, options)
     except (*user_errors(), ConvertError) as e:
@@ -331,7 +331,7 @@ def data_synth(
                                chunk_chars=chunk_chars, min_support=min_support, max_chunks=max_chunks,
                                max_new_tokens=max_new_tokens)
     except pydantic.ValidationError as e:
-        fail(_flag_errors(e, {}))
+        fail(option_errors(e))
     if not teacher_url:
         quiet_libraries()
     try:
@@ -372,9 +372,7 @@ def data_redact(inputs: list[Path] = typer.Argument(..., help="Record files (.js
             fields["types"] = [t for t in types.split(",") if t.strip()]
         options = RedactOptions(**fields)
     except ValidationError as e:
-        first = e.errors()[0]
-        fail(f"bad redact option --{'-'.join(str(x) for x in first['loc'][:1])}: "
-             f"{first['msg'].removeprefix('Value error, ')}")
+        fail(option_errors(e))
     try:
         report = redact(inputs, out_file, options)
     except user_errors() as e:

@@ -190,22 +190,22 @@ def _json_array_rows(text: str, source: str) -> Iterator[tuple[int, dict | Probl
 
 # --- CSV -------------------------------------------------------------------------------------------------
 
-class _LineFeed:
+class LineFeed:
     """Feeds decoded lines to csv.reader and remembers them, so each record can report the physical
     line it starts on, its raw text, and any non-UTF-8 line inside it (csv reads no further ahead
     than the record it is building, so "lines taken since the last record" is exactly that record)."""
 
-    def __init__(self, f: BinaryIO):
-        self._lines = _decode_lines(f)
+    def __init__(self, lines: Iterator[tuple[int, str, str | None]]):
+        self.lines = lines  # (line number, text, decode error) as _decode_lines yields them
         self.line = 0
         self._taken: list[str] = []
         self._errors: list[tuple[int, str]] = []
 
-    def __iter__(self) -> _LineFeed:
+    def __iter__(self) -> LineFeed:
         return self
 
     def __next__(self) -> str:
-        lineno, text, error = next(self._lines)
+        lineno, text, error = next(self.lines)
         self.line = lineno
         self._taken.append(text)
         if error:
@@ -223,7 +223,7 @@ def _csv_rows(p: Path) -> Iterator[tuple[int, dict | Problem]]:
         csv.field_size_limit(_CSV_FIELD_LIMIT)
     source, found = str(p), False
     with p.open("rb") as f:
-        feed = _LineFeed(f)
+        feed = LineFeed(_decode_lines(f))
         # strict: a malformed quote becomes an error on that record instead of silently merged text.
         reader = csv.reader(feed, strict=True)
         header = _csv_header(reader, feed, p)
@@ -253,7 +253,7 @@ def _csv_rows(p: Path) -> Iterator[tuple[int, dict | Problem]]:
         raise DataError(f"{p}: no records (the CSV has a header row but no data rows)")
 
 
-def _csv_header(reader: Any, feed: _LineFeed, p: Path) -> list[str]:
+def _csv_header(reader: Any, feed: LineFeed, p: Path) -> list[str]:
     """The column names; blank lines before the header are skipped, trailing unnamed columns dropped."""
     cells: list[str] = []
     while not any(c.strip() for c in cells):

@@ -23,7 +23,7 @@ import csv
 from collections.abc import Iterator
 from pathlib import Path
 
-from hone.data.readers import DataError, clip_raw
+from hone.data.readers import DataError, LineFeed, clip_raw
 from hone.data.sources import SourceStats
 from hone.data.sources.text import AUTO, decoded_lines, detect_encoding
 from hone.records import Problem
@@ -114,13 +114,13 @@ def read_tickets(path: str | Path, columns: dict[str, str] | None = None, encodi
         stats.encodings[str(p)] = used
     if csv.field_size_limit() < _CSV_FIELD_LIMIT:
         csv.field_size_limit(_CSV_FIELD_LIMIT)
-    feed = _LineFeed(decoded_lines(p, used))
+    feed = LineFeed(decoded_lines(p, used))
     header, delimiter = _header(feed, p, used)
     resolved = resolve_columns(header, check_roles(dict(columns or {})), str(p))
     return _rows(feed, csv.reader(feed, delimiter=delimiter, strict=True), header, resolved, str(p))
 
 
-def _rows(feed: _LineFeed, reader, header: list[str], columns: dict[str, str], source: str,
+def _rows(feed: LineFeed, reader, header: list[str], columns: dict[str, str], source: str,
           ) -> Iterator[dict | Problem]:
     found = False
     while True:
@@ -149,7 +149,7 @@ def _rows(feed: _LineFeed, reader, header: list[str], columns: dict[str, str], s
         raise DataError(f"{source}: no tickets (the CSV has a header row but no data rows)")
 
 
-def _header(feed: _LineFeed, p: Path, encoding: str) -> tuple[list[str], str]:
+def _header(feed: LineFeed, p: Path, encoding: str) -> tuple[list[str], str]:
     """The column names and the delimiter, from the first non-empty line."""
     for lineno, text, error in feed.lines:
         if not text.strip():
@@ -175,31 +175,4 @@ def _header(feed: _LineFeed, p: Path, encoding: str) -> tuple[list[str], str]:
 
 def _key(name: str) -> str:
     return name.strip().lower().replace(" ", "_").replace("-", "_")
-
-
-class _LineFeed:
-    """Feeds decoded lines to csv.reader and remembers them, so each row knows its first line, its raw
-    text and whether a line in it failed to decode (csv reads no further than the row it is building)."""
-
-    def __init__(self, lines: Iterator[tuple[int, str, str | None]]):
-        self.lines = lines
-        self.line = 0
-        self._taken: list[str] = []
-        self._errors: list[tuple[int, str]] = []
-
-    def __iter__(self) -> _LineFeed:
-        return self
-
-    def __next__(self) -> str:
-        lineno, text, error = next(self.lines)
-        self.line = lineno
-        self._taken.append(text)
-        if error:
-            self._errors.append((lineno, error))
-        return text
-
-    def take(self) -> tuple[str, list[tuple[int, str]]]:
-        raw, errors = "".join(self._taken).rstrip("\r\n"), self._errors
-        self._taken, self._errors = [], []
-        return raw, errors
 
