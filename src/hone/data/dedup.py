@@ -4,8 +4,8 @@ A record is compared as a whole: its text fields (stage.record_texts: prompt and
 message's content, ...) are normalised (casefold, punctuation to spaces, whitespace collapsed) and joined
 with a field separator. The label is NOT part of the key: the same text with two labels is a contradiction
 the model cannot learn from, so the second one is dropped as `conflicting_label` (the first is kept, and the
-cluster in the report says so). Three checks, in this order, each streaming (query, then insert: memory
-grows with the records kept, never with the input):
+cluster in the report says so). Three checks, in this order, each streaming (query, then insert: what
+is remembered grows with the records kept, never with the input):
 
 1. contamination (`eval_files`): a record whose text equals, or nearly equals, a record of an evaluation
    file is dropped as `contaminated` (message names the eval file:line), or only flagged in the report
@@ -17,7 +17,7 @@ grows with the records kept, never with the input):
    threshold -> `near_duplicate`.
 
 What is kept per kept record (file:line, label, hashes, signature) lives in a store (`index`): compact RAM
-structures (`memory`, about 1 KB a kept record), or an SQLite file in a temporary directory next to the
+structures (`memory`, about 1.2 KB a kept record), or an SQLite file in a temporary directory next to the
 output, removed at the end (`disk`: RAM stays flat whatever the input size). `auto` picks disk when the
 inputs total more than AUTO_DISK_BYTES.
 
@@ -49,8 +49,8 @@ _NOT_WORD = re.compile(r"[^\w\s]+|_+")
 _FIELD_SEP = "\x1f"  # a token no normalised text contains: shingles do not bridge two fields silently
 _MAX_DROPPED_LISTED = 20  # per cluster in the report; the cluster still counts them all
 # `index: auto` goes to disk above this input size: ~600k ticket-like records, whose memory index would
-# take ~0.6 GB of RAM; below it the memory index is faster and small. (Compressed parquet holds more
-# records per byte: choose `disk` explicitly for big parquet inputs.)
+# take ~0.7 GB of RAM (measured ~1.2 KB a kept record); below it the memory index is ~1.5x faster and
+# small. (Compressed parquet holds more records per byte: choose `disk` explicitly for big parquet.)
 AUTO_DISK_BYTES = 200 * 1024 * 1024
 
 
@@ -75,7 +75,7 @@ class DedupOptions(BaseModel):
     max_report_clusters: int = Field(200, ge=0, description="Clusters listed in the report (all counted).")
     seed: int = Field(1, description="Seed of the MinHash permutations.")
     index: Literal["auto", "memory", "disk"] = Field(
-        "auto", description="Where kept records' hashes and signatures live: 'memory' (fastest, about 1 KB of "
+        "auto", description="Where kept records' hashes and signatures live: 'memory' (fastest, ~1.2 KB of "
         "RAM per kept record), 'disk' (an SQLite file in a temporary directory next to the output, removed at "
         "the end; RAM stays flat whatever the input size), or 'auto' (disk when the inputs total more than "
         "200 MB, else memory). The results are the same.")

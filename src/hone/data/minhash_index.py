@@ -4,10 +4,12 @@ Dedup streams: each record is checked against the records kept so far, then (if 
 record leaves behind is its file:line and label (for messages and the report), its exact-text hash, its
 MinHash signature and one 64-bit hash per LSH band. Two stores hold that behind one interface:
 
-- `MemoryStore`: numpy arrays and a few dicts, about 1 KB a kept record (the signature as uint32 is half);
-  fastest, but it grows with the input.
-- `DiskStore`: an SQLite file plus a raw signature file in a temporary directory (removed by `close`);
-  nothing grows in RAM per record, so memory stays flat whatever the input size.
+- `MemoryStore`: numpy arrays and a few dicts, about 1.2 KB a kept record (the uint32 signature is 512
+  bytes at 128 permutations, band hashes 12 bytes a band); fastest, but it grows with the input.
+- `DiskStore`: an SQLite file plus a raw signature file in a temporary directory (removed by `close`,
+  also on errors and Ctrl-C; a process killed outright leaves a `.hone-dedup-*` folder to delete); nothing
+  grows in RAM per record: RAM is the interpreter plus SQLite's page cache (capped at 64 MB), whatever the
+  input size. The files take ~0.6 KB a kept record on disk.
 
 The LSH scheme is MinHashLSH's (datasketch): `bands` x `rows` from `_optimal_param(threshold, num_perm,
 0.1, 0.9)`, band i covers signature values [i*rows, (i+1)*rows); two records are candidates when any band
@@ -225,11 +227,9 @@ class DiskStore:
                             [(band, h, key) for band, h in enumerate(hashes)])
 
     def candidates(self, hashes: list[int]) -> Iterable[int]:
-        found: set[int] = set()
-        for band, h in enumerate(hashes):
-            found.update(k for (k,) in self.db.execute("SELECT key FROM bands WHERE band = ? AND hash = ?",
-                                                        (band, h)))
-        return found
+        # One statement for all bands (each part an index lookup): ~2x faster than one query a band.
+        sql = " UNION ALL ".join(["SELECT key FROM bands WHERE band = ? AND hash = ?"] * len(hashes))
+        return {k for (k,) in self.db.execute(sql, [x for band, h in enumerate(hashes) for x in (band, h)])}
 
     def signature(self, key: int) -> np.ndarray:
         return np.frombuffer(os.pread(self._sig_fd, self.row_bytes, key * self.row_bytes), np.uint32)
