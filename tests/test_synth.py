@@ -286,3 +286,32 @@ def test_synth_with_embedded_model(tmp_path):
     assert report.details["pairs_generated"] >= 1
     for row in _rows(out):
         assert row["messages"][1]["content"].strip() and row["meta"]["support"] >= 0.7 and row["provenance"]["chunk"] == 0
+
+
+def test_endpoint_requests_run_concurrently(server):
+    """batch_size requests are in flight together (a remote teacher is latency-bound, not compute-bound)."""
+    import time as _time
+
+    s = server(_completion("Q: x?\nA: y"))
+    in_flight, peak = [0], [0]
+    lock = threading.Lock()
+    handler = s.httpd.RequestHandlerClass
+    original = handler.do_POST
+
+    def slow_post(self):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        _time.sleep(0.2)
+        try:
+            original(self)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    handler.do_POST = slow_post
+    teacher = EndpointTeacher(_opts(s.url, batch_size=4))
+    prompts = [[Message("user", f"prompt {i}")] for i in range(4)]
+    assert teacher(prompts) == ["Q: x?\nA: y"] * 4
+    assert peak[0] == 4
+    assert sorted(r["body"]["messages"][0]["content"] for r in s.requests) == [f"prompt {i}" for i in range(4)]

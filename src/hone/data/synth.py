@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,7 +63,8 @@ class SynthOptions(BaseModel):
     max_new_tokens: int | None = Field(None, ge=16, description=(
         "Longest teacher output per chunk, in tokens; default 64 per pair asked for."))
     temperature: float = Field(0.2, ge=0, le=2, description="Endpoint sampling temperature (local: greedy).")
-    batch_size: int = Field(4, ge=1, description="Local teacher: chunks generated together.")
+    batch_size: int = Field(4, ge=1, description=(
+        "Chunks handled together: one generation batch for a local teacher, concurrent requests to an endpoint."))
     timeout_s: float = Field(120, gt=0, description="Endpoint: seconds to wait for one reply.")
     retries: int = Field(4, ge=0, description="Endpoint: retries on 429, 5xx and network errors.")
     retry_wait_s: float = Field(1.0, ge=0, description="Endpoint: first backoff wait; doubles each retry.")
@@ -243,7 +245,8 @@ def local_teacher(name: str, options: SynthOptions) -> tuple[Teacher, str]:
 
 
 class EndpointTeacher:
-    """An OpenAI-compatible /chat/completions endpoint, one request per prompt, with retries and backoff."""
+    """An OpenAI-compatible /chat/completions endpoint: one request per prompt, `batch_size` of them in
+    flight at once (threads; httpx's client is thread-safe), each with retries and backoff."""
 
     def __init__(self, options: SynthOptions, sleep: Callable[[float], None] = time.sleep):
         import httpx
@@ -256,9 +259,15 @@ class EndpointTeacher:
         self.client = httpx.Client(timeout=options.timeout_s, headers=headers)
         self.requests = 0
         self.retried = 0
+        self._count_lock = threading.Lock()  # requests run on several threads
 
     def __call__(self, prompts: list[list[Message]]) -> list[str]:
-        return [self.complete(p) for p in prompts]
+        if len(prompts) <= 1:
+            return [self.complete(p) for p in prompts]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(prompts), self.options.batch_size)) as pool:
+            return list(pool.map(self.complete, prompts))  # map keeps the prompts' order
 
     def complete(self, messages: list[Message]) -> str:
         import httpx
@@ -268,7 +277,8 @@ class EndpointTeacher:
                 "messages": [{"role": m.role, "content": m.content} for m in messages]}
         for attempt in range(self.options.retries + 1):
             last = attempt == self.options.retries
-            self.requests += 1
+            with self._count_lock:
+                self.requests += 1
             try:
                 response = self.client.post(self.url, json=body)
             except httpx.TransportError as e:
@@ -286,7 +296,8 @@ class EndpointTeacher:
         raise AssertionError("unreachable")
 
     def _wait(self, attempt: int, retry_after: str | None) -> None:
-        self.retried += 1
+        with self._count_lock:
+            self.retried += 1
         try:
             wait = float(retry_after) if retry_after else self.options.retry_wait_s * 2 ** attempt
         except ValueError:
