@@ -318,6 +318,8 @@ def data_synth(
     max_chunks: Optional[int] = typer.Option(None, help="Stop after this many chunks (a trial run)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Longest teacher output per chunk, in tokens "
                                                  "(default 64 per pair asked for)."),
+    batch_size: int = typer.Option(4, help="Chunks at once: a local teacher's generation batch, or concurrent "
+                                   "requests to an endpoint."),
 ):
     """Have a teacher model write Q&A pairs grounded in each document chunk; keep only supported answers."""
     import pydantic
@@ -329,7 +331,7 @@ def data_synth(
         options = SynthOptions(teacher=teacher, teacher_url=teacher_url, api_key=api_key,
                                teacher_model=teacher_model, pairs_per_chunk=pairs_per_chunk,
                                chunk_chars=chunk_chars, min_support=min_support, max_chunks=max_chunks,
-                               max_new_tokens=max_new_tokens)
+                               max_new_tokens=max_new_tokens, batch_size=batch_size)
     except pydantic.ValidationError as e:
         fail(option_errors(e))
     if not teacher_url:
