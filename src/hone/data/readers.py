@@ -217,6 +217,23 @@ class LineFeed:
         self._taken, self._errors = [], []
         return raw, errors
 
+    def records(self, reader) -> Iterator[tuple[int, list[str] | csv.Error, str, list[tuple[int, str]]]]:
+        """`(first line, cells or the csv.Error, raw text, decode errors)` per non-blank record of `reader`
+        (a csv.reader over this feed); blank lines and spreadsheet filler like ",,," are skipped."""
+        while True:
+            start = self.line + 1
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raw, _ = self.take()
+                yield start, e, raw, []
+                continue
+            raw, errors = self.take()
+            if any(c.strip() for c in cells):
+                yield start, cells, raw, errors
+
 
 def _csv_rows(p: Path) -> Iterator[tuple[int, dict | Problem]]:
     if csv.field_size_limit() < _CSV_FIELD_LIMIT:
@@ -227,19 +244,10 @@ def _csv_rows(p: Path) -> Iterator[tuple[int, dict | Problem]]:
         # strict: a malformed quote becomes an error on that record instead of silently merged text.
         reader = csv.reader(feed, strict=True)
         header = _csv_header(reader, feed, p)
-        while True:
-            start = feed.line + 1
-            try:
-                cells = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                raw, _ = feed.take()
+        for start, cells, raw, errors in feed.records(reader):
+            if isinstance(cells, csv.Error):
                 found = True
-                yield start, Problem(source, start, "invalid_csv", _csv_error_message(e), raw=clip_raw(raw))
-                continue
-            raw, errors = feed.take()
-            if not any(c.strip() for c in cells):  # blank lines and spreadsheet filler like ",,,"
+                yield start, Problem(source, start, "invalid_csv", _csv_error_message(cells), raw=clip_raw(raw))
                 continue
             found = True
             if errors:

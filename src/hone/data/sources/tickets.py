@@ -123,19 +123,10 @@ def read_tickets(path: str | Path, columns: dict[str, str] | None = None, encodi
 def _rows(feed: LineFeed, reader, header: list[str], columns: dict[str, str], source: str,
           ) -> Iterator[dict | Problem]:
     found = False
-    while True:
-        start = feed.line + 1
-        try:
-            cells = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            raw, _ = feed.take()
+    for start, cells, raw, errors in feed.records(reader):
+        if isinstance(cells, csv.Error):
             found = True
-            yield Problem(source, start, "invalid_csv", f"malformed CSV: {e}", raw=clip_raw(raw))
-            continue
-        raw, errors = feed.take()
-        if not any(c.strip() for c in cells):
+            yield Problem(source, start, "invalid_csv", f"malformed CSV: {cells}", raw=clip_raw(raw))
             continue
         found = True
         if errors:
