@@ -245,3 +245,29 @@ def test_auto_index_goes_to_disk_for_big_inputs(tmp_path, monkeypatch):
     assert choose_backend("auto", [src]) == "disk"
     report = dedup([src], tmp_path / "out.jsonl", DedupOptions())
     assert report.details["params"]["index"] == "disk" and report.passed == 2
+
+
+def test_sigterm_leaves_no_temporary_files(tmp_path):
+    """A stopped `hone data dedup --index disk` removes its SQLite index and half-written outputs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "in.jsonl"
+    with src.open("w") as f:
+        for i in range(60000):
+            f.write(json.dumps({"text": f"ticket {i} about order {i * 7} and invoice {i % 97} please help"}) + "\n")
+    out = tmp_path / "out" / "dedup.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "hone", "data", "dedup", str(src), "--out", str(out),
+                             "--index", "disk"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 60
+    while not any(out.parent.glob(".hone-dedup-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "dedup finished before it could be stopped; make the input bigger"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    assert sorted(p.name for p in out.parent.iterdir()) == []

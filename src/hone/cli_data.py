@@ -19,6 +19,18 @@ data_app = typer.Typer(help="Prepare data: ingest, clean, dedup, redact, convert
                        no_args_is_help=True)
 
 
+@data_app.callback()
+def _stop_cleanly_on_sigterm() -> None:
+    """SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C: every stage's temporary output and the
+    dedup disk index are removed on the way out, and the previous output files are left as they were."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def print_stage(report) -> None:
     """The one-paragraph summary every stage prints: what it wrote and the count arithmetic."""
     out.print(f"[bold]{report.stage}[/bold]: {escape(report.arithmetic())}", highlight=False)
