@@ -94,3 +94,11 @@ def test_mailbox_to_private_chat_examples(tmp_path):
     for name in ("Ana", "Silva", "Tom", "Becker", "ana.silva@example.com"):
         assert name not in dumped, name
     assert "<PERSON_" in thread["messages"][1]["content"]  # "Hi Ana," -> "Hi <PERSON_1>,"
+
+
+def test_a_step_that_keeps_nothing_stops_with_its_reasons(tmp_path):
+    _tickets(tmp_path / "tickets.jsonl")
+    recipe = _recipe(tmp_path, [{"clean": {"min_chars": 100000}}, {"dedup": {}}])
+    with pytest.raises(RecipeError, match=r"step 1 \(clean\) kept no records \(in 61 = passed 0 \+ rejected 61 "
+                                          r"\(too_short 61\)\); the reasons are in .*01-clean.rejects.jsonl"):
+        prepare(recipe)

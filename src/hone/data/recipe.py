@@ -111,6 +111,11 @@ def prepare(recipe_path: Path, on_stage=None) -> dict:
         reports.append(report)
         if on_stage:
             on_stage(report)
+        if report.records_out == 0:
+            from hone.data.stage import rejects_path
+
+            raise RecipeError(f"{recipe['path']}: step {i} ({name}) kept no records ({report.arithmetic()}); "
+                              f"the reasons are in {rejects_path(target)}")
         inputs = [target]
     final = _final_files(recipe["steps"][-1][0], reports[-1], out_dir)
     summary = {
