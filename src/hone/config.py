@@ -101,7 +101,10 @@ class EvalConfig(Section):
 class RunConfig(Section):
     name: str | None = Field(None, description="Run name (default: derived from the training file and time).")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
-    method: Literal["lora", "full"] = Field("lora", description="Fine-tuning method.")
+    method: Literal["lora", "dora", "ia3", "full"] = Field("lora", description=(
+        "Fine-tuning method: lora (low-rank adapters, the lora section), dora (LoRA with a learnt magnitude "
+        "per output, same section), ia3 (learnt scaling vectors on keys, values and the MLP: the fewest "
+        "parameters), or full (every weight)."))
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)

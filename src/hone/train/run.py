@@ -128,16 +128,30 @@ def initial_manifest(cfg: RunConfig) -> dict:
             "started": _now(), "status": "running"}
 
 
+# Methods that train a peft adapter over a frozen base (saved as an adapter in final/).
+ADAPTER_METHODS = ("lora", "dora", "ia3")
+
+
 def apply_method(model, cfg: RunConfig):
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    return get_peft_model(model, adapter_config(cfg))
+
+
+def adapter_config(cfg: RunConfig):
+    from peft import IA3Config, LoraConfig
+
+    if cfg.method == "ia3":
+        # peft's per-architecture defaults (for Llama: k_proj, v_proj and down_proj, the latter scaled on
+        # its input), the placement the (IA)3 paper found best.
+        return IA3Config(task_type="CAUSAL_LM")
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, use_dora=cfg.method == "dora",
+                      task_type="CAUSAL_LM")
 
 
 def count_params(model) -> tuple[int, int]:
@@ -148,7 +162,7 @@ def count_params(model) -> tuple[int, int]:
 def save_final(model, tokenizer, cfg: RunConfig, run_dir: Path) -> Path:
     final, tmp = run_dir / "final", run_dir / ".final-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.method == "lora":
+    if cfg.method in ADAPTER_METHODS:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     else:
