@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hone.config import EMBEDDED_MODEL, DataConfig
 from hone.data.readers import read_rows
-from hone.data.stage import content_hash, record_texts, write_json_atomic
+from hone.data.stage import content_hash, write_json_atomic
 from hone.records import Problem
 
 _BATCH = 1000
@@ -103,8 +103,7 @@ def _batches(rows, size: int = _BATCH):
 
 
 def _measure_batch(batch, source: str, tokenizer, labels, options: CardOptions, stats: _Stats) -> None:
-    import hashlib
-
+    from hone.data.dedup import exact_key, record_key_text
     from hone.data.template import render_with_loss_mask
     from hone.data.validate import validate_rows
 
@@ -114,8 +113,7 @@ def _measure_batch(batch, source: str, tokenizer, labels, options: CardOptions, 
         if isinstance(row, Problem):
             stats.problems[row.code] += 1
             continue
-        key = hashlib.blake2b(" ".join(" ".join(record_texts(row)).casefold().split()).encode()
-                              + str(row.get("label")).encode(), digest_size=16).digest()
+        key = exact_key(record_key_text(row))  # the same test `hone data dedup` applies
         if key in stats.exact_seen:
             stats.exact_duplicates += 1
         stats.exact_seen.add(key)
