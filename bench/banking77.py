@@ -321,14 +321,16 @@ def render_examples(cfg, tokenizer) -> Rendered:
 
 def estimate(cfg, rendered: Rendered) -> Estimate:
     """Exact token counts and step plan for this config, using hone's own packing and batch plan."""
-    from hone.data.pack import pack_rows, plan_epoch
+    from hone.data.pack import pack_rows, plan_epoch, row_length
+    from hone.methods.sft import packed_task
     from hone.data.template import Tokenized
     from hone.train.loop import every, plan_batches
 
     m = cfg.data.max_seq_len
     train, held = ([Tokenized(t.input_ids[:m], t.weights[:m], len(t.input_ids) > m) for t in part]
                    for part in (rendered.train, rendered.held_out))
-    batches, row_len = plan_batches(train, cfg)
+    row_len = row_length(train, cfg.data.max_seq_len)
+    batches = plan_batches(packed_task(train, [], cfg, 0), cfg)
     rows_per_batch = max(1, cfg.train.batch_tokens // row_len)
     steps = math.ceil(len(batches) / cfg.train.grad_accum)
     per_epoch = plan_epoch(train, seed=cfg.train.seed, epoch=0, row_len=row_len, rows_per_batch=rows_per_batch)

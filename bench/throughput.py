@@ -108,6 +108,7 @@ def prepare(args, method: str, output_dir: str) -> dict:
 
     from hone.models.load import load_model
     from hone.train.device import pick_device, use_bf16
+    from hone.methods.sft import packed_task
     from hone.train.loop import plan_batches
     from hone.train.prepare import tokenize_data, validate_data
 
@@ -119,11 +120,12 @@ def prepare(args, method: str, output_dir: str) -> dict:
     loaded = load_model(cfg.model.base)
     load_seconds = time.perf_counter() - start
     prepared = tokenize_data(data, loaded.tokenizer, cfg.data, None)
-    batches, row_len = plan_batches(prepared.train, cfg)  # what hone's loop will train on, step by step
+    task = packed_task(prepared.train, [], cfg, loaded.tokenizer.pad_token_id)
+    batches = plan_batches(task, cfg)  # what hone's loop will train on, step by step
     per_step = [sum(len(r) for r in b) for b in batches]
     torch.manual_seed(cfg.train.seed)
     return {"cfg": cfg, "model": loaded.model, "tokenizer": loaded.tokenizer, "train": prepared.train,
-            "batches": batches, "row_len": row_len, "examples_per_step": per_step, "device": device,
+            "task": task, "batches": batches, "examples_per_step": per_step, "device": device,
             "bf16": bf16, "load_seconds": load_seconds, "rss_before_mib": None}
 
 
@@ -155,8 +157,7 @@ def run_hone(args, method: str) -> dict:
     from rich.console import Console
 
     import hone.train.loop as loop
-    from hone.data.pack import collate_rows
-    from hone.train.run import apply_method
+    from hone.models.adapters import apply_weights
     from hone.train.runlog import RunLog
 
     class TimedLog(RunLog):
@@ -179,18 +180,18 @@ def run_hone(args, method: str) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         p = prepare(args, method, tmp)
-        cfg, train, pad_id = p["cfg"], p["train"], p["tokenizer"].pad_token_id
-        model = apply_method(p["model"], cfg)  # hone's own LoRA / full switch
+        cfg = p["cfg"]
+        model = apply_weights(p["model"], cfg)  # hone's own LoRA / full switch
         p["rss_before_mib"] = rss_mib()
         # The loop always checkpoints its last step; the Trainer here saves nothing (save_strategy="no").
         loop.save_checkpoint = lambda run_dir, step, *a, **k: Path(run_dir) / "checkpoints" / f"step-{step:06d}"
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()
         log = TimedLog(run_dir)
-        result = loop.train_loop(model, p["tokenizer"], train, [], cfg, run_dir, log, show_progress=False)
+        result = loop.train_loop(model, p["task"], cfg, run_dir, log, show_progress=False)
 
     w, n = args.warmup_steps, args.steps
-    micro = [collate_rows(train, rows, p["row_len"], pad_id) for rows in p["batches"]]
+    micro = [p["task"].collate(rows) for rows in p["batches"]]
     tokens = [b.real_tokens for b in micro]
     assert sum(tokens) == result.tokens, (sum(tokens), result.tokens)
     targets = [b.target_weight for b in micro][w:w + n]
@@ -200,7 +201,7 @@ def run_hone(args, method: str) -> dict:
     examples = p["examples_per_step"][w:w + n]
     return {**common_result(args, "hone", method, p, model), **stats,
             "examples_per_step": sum(examples) / len(examples),
-            "batch": f"packed {len(p['batches'][0])}x{p['row_len']}", "optimizer": "torch AdamW",
+            "batch": f"packed {len(p['batches'][0])}x{p['task'].collate(p['batches'][0]).input_ids.shape[1]}", "optimizer": "torch AdamW",
             "padding_share": 1 - sum(tokens[w:w + n]) / sum(b.input_ids.numel() for b in micro[w:w + n])}
 
 

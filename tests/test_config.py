@@ -100,7 +100,7 @@ def test_unknown_key_from_set_and_from_file(tmp_path):
 @pytest.mark.parametrize("override, key", [
     ("train.epochs=lots", "train.epochs"),
     ("train.max_steps=[1, 2]", "train.max_steps"),
-    ("method=qlora", "method"),
+    ("method=qlor", "method"),
     ("data.validation_fraction=1.5", "data.validation_fraction"),
     ("data.loss_on=everything", "data.loss_on"),
     ("train.batch_tokens=4", "train.batch_tokens"),

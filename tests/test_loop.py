@@ -59,24 +59,27 @@ def test_loss_falls(tiny_config):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def _prepared_lora(tiny_config, tiny_model_dir):
+def _prepared_lora(tiny_config, tiny_model_dir, tmp_path):
+    """(cfg, LoRA model, SFT task) for driving the loop directly."""
+    from hone.methods import sft
+    from hone.models.adapters import apply_weights
     from hone.models.load import load_model
-    from hone.train.prepare import tokenize_data, validate_data
-    from hone.train.run import apply_method
+    from hone.train.runlog import RunLog
 
     cfg = parse_config(tiny_config)
     loaded = load_model(str(tiny_model_dir))
-    data = tokenize_data(validate_data(cfg.data, 0), loaded.tokenizer, cfg.data, None)
-    return cfg, apply_method(loaded.model, cfg), loaded.tokenizer, data
+    task = sft.build(cfg, sft.validate(cfg), loaded.model, loaded.tokenizer, tmp_path, RunLog(tmp_path))
+    task.held_out = []
+    return cfg, apply_weights(loaded.model, cfg), task
 
 
 def test_trainable_change_frozen_stay(tiny_config, tiny_model_dir, tmp_path):
     from hone.train.loop import train_loop
     from hone.train.runlog import RunLog
 
-    cfg, model, tok, data = _prepared_lora(tiny_config, tiny_model_dir)
+    cfg, model, task = _prepared_lora(tiny_config, tiny_model_dir, tmp_path)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train_loop(model, tok, data.train, [], cfg, tmp_path, RunLog(tmp_path), show_progress=False)
+    train_loop(model, task, cfg, tmp_path, RunLog(tmp_path), show_progress=False)
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert not torch.equal(p, before[n]) or "lora_A" in n, f"{n} did not train"
@@ -103,7 +106,7 @@ def test_non_finite_steps_are_skipped_then_fail(tiny_config, tiny_model_dir, tmp
     from hone.train.loop import TrainingFailed, train_loop
     from hone.train.runlog import RunLog
 
-    cfg, model, tok, data = _prepared_lora(tiny_config, tiny_model_dir)
+    cfg, model, task = _prepared_lora(tiny_config, tiny_model_dir, tmp_path)
     calls = {"n": 0}
 
     def poisoned(m, batch):
@@ -114,8 +117,8 @@ def test_non_finite_steps_are_skipped_then_fail(tiny_config, tiny_model_dir, tmp
     run_dir = tmp_path / "nan-run"
     run_dir.mkdir()
     with pytest.raises(TrainingFailed, match=r"step 5: 3 non-finite"):
-        train_loop(model, tok, data.train, [], cfg, run_dir, RunLog(run_dir), loss_sum=poisoned,
-                   show_progress=False)
+        task.loss_sum = poisoned
+        train_loop(model, task, cfg, run_dir, RunLog(run_dir), show_progress=False)
     saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert saved == ["step-000002"]  # nothing written from the failing steps
     warnings = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]

@@ -98,18 +98,117 @@ class EvalConfig(Section):
     examples_in_report: int = Field(8, ge=0, description="Side-by-side example outputs shown in the report.")
 
 
+ADAPTER_NAMES = ("lora", "dora", "ia3", "qlora", "prefix", "prompt", "full")
+OBJECTIVE_NAMES = ("sft", "cpt", "dpo", "orpo", "simpo", "reward", "rlhf", "distill", "contrastive")
+METHOD_NAMES = ADAPTER_NAMES + OBJECTIVE_NAMES
+
+
+class VirtualTokensConfig(Section):
+    num_virtual_tokens: int = Field(20, ge=1, description=(
+        "prefix / prompt tuning: learnt virtual tokens (prefix: per layer, as keys and values; prompt: "
+        "prepended to the input embeddings)."))
+    init_text: str | None = Field(None, description=(
+        "prompt tuning: initialise the virtual tokens from this text's embeddings (usually trains faster "
+        "than random)."))
+
+
+class QuantConfig(Section):
+    compute_dtype: Literal["bf16", "fp32"] = Field("bf16", description="qlora: dtype of the 4-bit layers' matmuls.")
+    double_quant: bool = Field(True, description="qlora: quantise the quantisation constants too (saves ~0.4 bit/weight).")
+
+
+class CptConfig(Section):
+    embedding_lr_ratio: float = Field(1.0, gt=0, le=1, description=(
+        "Learning rate of the embeddings and LM head as a share of train.learning_rate (e.g. 0.1 moves them "
+        "less, so new text shifts general vocabulary less). Applies when they are trained (adapter: full)."))
+    general_text: str | None = Field(None, description=(
+        "A file of general (non-domain) text ({text} rows) whose perplexity is measured before and after, "
+        "so forgetting is visible. Default: a general-English sample shipped with hone."))
+
+
+class PreferenceConfig(Section):
+    beta: float = Field(0.1, gt=0, description="dpo / simpo: strength of the implicit KL to the reference (higher stays closer).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: assumed share of flipped labels (conservative DPO).")
+    precompute_reference: bool = Field(True, description=(
+        "dpo: compute the reference model's log-probs once before training (cached in the run directory), "
+        "instead of a second forward pass every step."))
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin (gamma / beta in the paper's terms is the margin ratio).")
+    orpo_lambda: float = Field(0.1, gt=0, description="orpo: weight of the odds-ratio term beside the SFT loss on chosen.")
+    max_prompt_tokens: int = Field(512, ge=8, description="Prompts are cut from the left to this many tokens (the latest turns kept).")
+
+
+class RlhfConfig(Section):
+    reward: str | None = Field(None, description=(
+        "The reward: a hone reward run directory (method: reward), or 'module:function' / 'file.py:function' "
+        "taking (prompt, completion, reference) and returning a float. Built-ins: 'exact_match', 'token_f1'."))
+    group_size: int = Field(4, ge=2, description="Completions sampled per prompt (GRPO compares them within the group).")
+    max_new_tokens: int = Field(64, ge=1, description="Longest sampled completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts.")
+    kl_coef: float = Field(0.04, ge=0, description="Weight of the KL penalty against the reference (starting) policy.")
+
+
+class DistillConfig(Section):
+    teacher: str | None = Field(None, description="The teacher: any model.base value, or a hone run directory.")
+    mode: Literal["auto", "logits", "sequence"] = Field("auto", description=(
+        "logits: match the teacher's token distribution (forward KL; needs the same tokenizer). sequence: "
+        "the teacher writes the answers and the student learns them. auto: logits when the tokenizers match."))
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature for logit distillation (loss scaled by T^2).")
+    alpha: float = Field(0.5, ge=0, le=1, description="Share of the KL term; the rest is cross-entropy on the reference answers.")
+    student_layers: str | None = Field(None, description=(
+        "Make the student from model.base by keeping some layers: 'every-other', 'first:N', or a list like "
+        "'0,2,4'. Null: model.base as it is."))
+
+
+class ContrastiveConfig(Section):
+    temperature: float = Field(0.05, gt=0, description="InfoNCE temperature (similarity scale 1/T; 0.05 is sentence-transformers' 20).")
+    pooling: Literal["mean", "cls"] = Field("mean", description="How token vectors become one sentence vector.")
+    max_seq_len: int = Field(128, ge=8, description="Longest query or passage in tokens.")
+    batch_size: int = Field(32, ge=2, description="Pairs per batch: every other pair's passage is an in-batch negative.")
+
+
 class RunConfig(Section):
     name: str | None = Field(None, description="Run name (default: derived from the training file and time).")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
-    method: Literal["lora", "dora", "ia3", "full"] = Field("lora", description=(
-        "Fine-tuning method: lora (low-rank adapters, the lora section), dora (LoRA with a learnt magnitude "
-        "per output, same section), ia3 (learnt scaling vectors on keys, values and the MLP: the fewest "
-        "parameters), or full (every weight)."))
+    method: Literal[METHOD_NAMES] = Field("lora", description=(
+        "What training does. Weight choices (supervised fine-tuning with that adapter): lora, dora, ia3, "
+        "qlora (LoRA over a 4-bit NF4 base), prefix, prompt, full. Objectives (with the weights given by "
+        "`adapter`): sft, cpt (continued pretraining on raw text), dpo, orpo, simpo (preference pairs), reward "
+        "(a reward model), rlhf (GRPO against a reward), distill (from a teacher), contrastive (a "
+        "sentence-embedding model). See docs/methods.md."))
+    adapter: Literal[ADAPTER_NAMES] | None = Field(None, description=(
+        "Which weights an objective trains: an adapter name or full. Default: lora, except contrastive "
+        "(full). Leave unset when `method` is itself an adapter name."))
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    virtual_tokens: VirtualTokensConfig = Field(default_factory=VirtualTokensConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    cpt: CptConfig = Field(default_factory=CptConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    rlhf: RlhfConfig = Field(default_factory=RlhfConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)
+
+    @model_validator(mode="after")
+    def _adapter_fits_method(self):
+        if self.method in ADAPTER_NAMES and self.adapter not in (None, self.method):
+            raise ValueError(f"method '{self.method}' already names the weights to train; set method: sft "
+                             f"with adapter: {self.adapter}, or drop adapter")
+        return self
+
+    @property
+    def objective(self) -> str:
+        """What the loss is: sft when `method` names an adapter, else the method itself."""
+        return "sft" if self.method in ADAPTER_NAMES else self.method
+
+    @property
+    def weights(self) -> str:
+        """Which weights train: an adapter name or 'full'."""
+        if self.method in ADAPTER_NAMES:
+            return self.method
+        return self.adapter or ("full" if self.method == "contrastive" else "lora")
 
 
 class ConfigError(ValueError):

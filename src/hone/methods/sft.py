@@ -8,10 +8,13 @@ optimizer step, so gradient accumulation gives exactly the large-batch loss.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from hone.data.pack import MicroBatch
+from hone.data.pack import MicroBatch, collate_rows, pack_rows, plan_epoch, row_length
+from hone.methods import Task
 
 
 def unwrap(model):
@@ -54,3 +57,62 @@ def reference_loss_sum(model, batch: MicroBatch) -> torch.Tensor:
     mask = batch.labels != -100
     ce = F.cross_entropy(logits[mask], batch.labels[mask], reduction="none")
     return (ce * batch.weights[mask]).sum()
+
+
+# --- the method: data, batches, evaluation ------------------------------------------------------------
+
+
+def validate(cfg):
+    from hone.train.prepare import validate_data
+
+    return validate_data(cfg.data, cfg.train.seed)
+
+
+def packed_task(train: list, held_out: list, cfg, pad_id: int, loss_sum=sft_loss_sum, **extra) -> Task:
+    """A Task over tokenized examples packed into rows (SFT, continued pretraining, logit distillation)."""
+    row_len = row_length(train, cfg.data.max_seq_len)
+    rows_per_batch = max(1, cfg.train.batch_tokens // row_len)
+
+    def epoch_plan(epoch: int) -> list:
+        return plan_epoch(train, seed=cfg.train.seed, epoch=epoch, row_len=row_len, rows_per_batch=rows_per_batch)
+
+    return Task(epoch_plan=epoch_plan, collate=lambda rows: collate_rows(train, rows, row_len, pad_id),
+                loss_sum=loss_sum, held_out=packed_batches(held_out, row_len, rows_per_batch, pad_id),
+                tokens_per_epoch=sum(len(t.input_ids) for t in train), **extra)
+
+
+def packed_batches(examples: list, row_len: int, rows_per_batch: int, pad_id: int) -> list[MicroBatch]:
+    """Held-out examples packed in a fixed order, as collated batches (rows as long as the longest one)."""
+    if not examples:
+        return []
+    eval_len = max(row_len, max(len(t.input_ids) for t in examples))
+    rows = pack_rows(examples, list(range(len(examples))), eval_len)
+    return [collate_rows(examples, rows[i:i + rows_per_batch], eval_len, pad_id)
+            for i in range(0, len(rows), rows_per_batch)]
+
+
+def build(cfg, data, model, tokenizer, run_dir: Path, log) -> Task:
+    from hone.train.prepare import tokenize_data
+
+    prepared = tokenize_data(data, tokenizer, cfg.data, run_dir / "rejects.jsonl")
+    return packed_task(prepared.train, prepared.held_out, cfg, tokenizer.pad_token_id,
+                       evaluate=generation_evaluator(cfg, tokenizer, prepared.held_out_conversations,
+                                                     prepared.labels),
+                       stats=prepared.stats, labels=prepared.labels)
+
+
+def generation_evaluator(cfg, tokenizer, conversations: list, labels: list[str]):
+    """Generate answers for held-out prompts and score them (label accuracy, or exact match / token F1)."""
+    from hone.eval.runners import evaluate_task
+    from hone.train.device import pick_device, use_bf16
+
+    def evaluate(model) -> dict:
+        bf16 = use_bf16(pick_device(), cfg.train.precision)
+        result = evaluate_task(model, tokenizer, conversations, labels or None,
+                               max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, bf16=bf16)
+        result["examples"] = [{"prompt": c.prompt_messages()[-1].content if c.prompt_messages() else "",
+                               "reference": c.reference(), "output": o}
+                              for c, o in zip(conversations, result["outputs"])]
+        return result
+
+    return evaluate

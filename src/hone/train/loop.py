@@ -1,9 +1,10 @@
 """The one training loop: optimisation, accumulation, precision, checkpoints, resume, logging, signals.
 
-A method supplies only `loss_sum(model, batch)`; everything else lives here. Read it top to bottom:
-plan the batches, restore a checkpoint if resuming, then for each optimizer step run its micro-batches
-(loss summed and divided by the step's total target weight, so accumulation equals one large batch),
-check the gradient is finite, clip, step, log, evaluate, checkpoint.
+A method supplies a `Task` (hone.methods): its micro-batch plan, collate and `loss_sum(model, batch)`;
+everything else lives here. Read it top to bottom: plan the batches, restore a checkpoint if resuming, then
+for each optimizer step run its micro-batches (loss summed and divided by the step's total target weight,
+so accumulation equals one large batch), check the gradient is finite, clip, step, log, evaluate,
+checkpoint.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from pathlib import Path
 import torch
 
 from hone.config import RunConfig
-from hone.data.pack import MicroBatch, collate_rows, pack_rows, plan_epoch, row_length
-from hone.data.template import Tokenized
-from hone.methods.sft import sft_loss_sum
+from hone.methods import Task, batch_to
 from hone.train.checkpoint import load_checkpoint, save_checkpoint
 from hone.train.device import autocast, pick_device, use_bf16
 from hone.train.progress import Progress
@@ -46,6 +45,7 @@ class LoopResult:
     final_val_loss: float | None
     best_step: int | None
     epochs: float  # passes over the training tokens actually made (max_steps may cut them short)
+    val_stats: dict = field(default_factory=dict)  # the method's own validation figures (last evaluation)
 
 
 def capped_perplexity(loss: float) -> float:
@@ -54,13 +54,17 @@ def capped_perplexity(loss: float) -> float:
 
 
 def build_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """AdamW; no decay on norms and biases. Continued pretraining may move embeddings more slowly."""
+    embed_ratio = cfg.cpt.embedding_lr_ratio if cfg.objective == "cpt" else 1.0
+    groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.learning_rate,
-                             betas=tuple(cfg.train.betas))
+            decay = 0.0 if p.ndim < 2 or "norm" in name else cfg.train.weight_decay
+            ratio = embed_ratio if ("embed" in name or "lm_head" in name) else 1.0
+            groups.setdefault((decay, ratio), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "weight_decay": d, "lr": cfg.train.learning_rate * r}
+                              for (d, r), ps in groups.items()],
+                             lr=cfg.train.learning_rate, betas=tuple(cfg.train.betas))
 
 
 def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -74,23 +78,21 @@ def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def plan_batches(train: list[Tokenized], cfg: RunConfig) -> tuple[list[list[list[int]]], int]:
-    """All micro-batches of the run (rows of example indices), and the row length."""
-    row_len = row_length(train, cfg.data.max_seq_len)
-    rows_per_batch = max(1, cfg.train.batch_tokens // row_len)
-    batches: list[list[list[int]]] = []
+def plan_batches(task: Task, cfg: RunConfig) -> list:
+    """All micro-batch specs of the run: whole epochs, a share of the last, or max_steps' worth."""
+    batches: list = []
+    epoch = -1
     for epoch in range(math.ceil(cfg.train.epochs)):
-        plan = plan_epoch(train, seed=cfg.train.seed, epoch=epoch, row_len=row_len, rows_per_batch=rows_per_batch)
+        plan = task.epoch_plan(epoch)
         share = min(1.0, cfg.train.epochs - epoch)
         batches += plan[: max(1, math.ceil(len(plan) * share))]
     if cfg.train.max_steps:
         need = cfg.train.max_steps * cfg.train.grad_accum
         while len(batches) < need:  # max_steps beyond the epochs: keep going with fresh epochs
             epoch += 1
-            batches += plan_epoch(train, seed=cfg.train.seed, epoch=epoch, row_len=row_len,
-                                  rows_per_batch=rows_per_batch)
+            batches += task.epoch_plan(epoch)
         batches = batches[:need]
-    return batches, row_len
+    return batches
 
 
 def every(n: int | None, total: int, times: int = 4) -> int:
@@ -120,60 +122,73 @@ class SignalCatcher:
             signal.signal(s, handler)
 
 
-def evaluate_loss(model, held_out: list[Tokenized], row_len: int, rows_per_batch: int, pad_id: int,
-                  device, bf16: bool, loss_sum=sft_loss_sum) -> float | None:
-    """Mean loss per target token over the held-out set (packed like training, in a fixed order)."""
-    if not held_out:
-        return None
-    eval_len = max(row_len, max(len(t.input_ids) for t in held_out))
-    rows = pack_rows(held_out, list(range(len(held_out))), eval_len)
+def split_loss(out) -> tuple[torch.Tensor, dict]:
+    """A method's loss_sum returns the loss, or (loss, {stat: sum over the batch})."""
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def evaluate_loss(model, task: Task, device, bf16: bool) -> tuple[float | None, dict]:
+    """Mean loss (and stats) per unit of target weight over the held-out batches, in a fixed order."""
+    if not task.held_out:
+        return None, {}
     was_training = model.training
     model.eval()
-    total, weight = 0.0, 0.0
+    total, weight, stats = 0.0, 0.0, {}
     with torch.no_grad():
-        for i in range(0, len(rows), rows_per_batch):
-            batch = to_device(collate_rows(held_out, rows[i:i + rows_per_batch], eval_len, pad_id), device)
+        for batch in task.held_out:
+            batch = batch_to(batch, device)
             with autocast(device, bf16):
-                total += float(loss_sum(model, batch))
+                loss, batch_stats = split_loss(task.loss_sum(model, batch))
+            total += float(loss)
             weight += batch.target_weight
+            for k, v in batch_stats.items():
+                stats[k] = stats.get(k, 0.0) + float(v)
     model.train(was_training)
-    return total / weight if weight else None
-
-
-def to_device(batch: MicroBatch, device) -> MicroBatch:
-    if device.type == "cpu":
-        return batch
-    return MicroBatch(batch.input_ids.to(device), batch.position_ids.to(device), batch.labels.to(device),
-                      batch.weights.to(device), batch.real_tokens)
+    if not weight:
+        return None, {}
+    return total / weight, {k: v / weight for k, v in stats.items()}
 
 
 @dataclass
 class LogWindow:
-    """Training loss and throughput since the last log line (loss weighted by target tokens)."""
+    """Training loss, method stats and throughput since the last log line (weighted by target weight)."""
 
     loss: float = 0.0
     weight: float = 0.0
     tokens: int = 0
+    stats: dict = field(default_factory=dict)
     start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, weight: float, stats: dict) -> None:
+        self.loss, self.weight = self.loss + loss * weight, self.weight + weight
+        for k, v in stats.items():
+            self.stats[k] = self.stats.get(k, 0.0) + v
 
     def mean_loss(self) -> float | None:
         return self.loss / self.weight if self.weight else None
+
+    def mean_stats(self) -> dict:
+        return {k: v / self.weight for k, v in self.stats.items()} if self.weight else {}
 
     def tokens_per_second(self) -> float:
         return self.tokens / max(1e-9, time.perf_counter() - self.start)
 
 
-def forward_backward(model, micro: list[MicroBatch], loss_sum, device, bf16: bool) -> tuple[float, float]:
+def forward_backward(model, micro: list, loss_sum, device, bf16: bool) -> tuple[float, float, dict]:
     """Accumulate one optimizer step's gradients. Each micro-batch's summed loss is divided by the target
-    weight of the WHOLE step, so the gradient equals that of one large batch. Returns (loss, weight)."""
+    weight of the WHOLE step, so the gradient equals that of one large batch. Returns (loss, weight, stats
+    summed over the step)."""
     step_weight = sum(b.target_weight for b in micro)
-    step_loss = 0.0
+    step_loss, stats = 0.0, {}
     for batch in micro:
         with autocast(device, bf16):
-            loss = loss_sum(model, batch) / step_weight
+            loss, batch_stats = split_loss(loss_sum(model, batch))
+            loss = loss / step_weight
         loss.backward()
         step_loss += float(loss.detach())
-    return step_loss, step_weight
+        for k, v in batch_stats.items():
+            stats[k] = stats.get(k, 0.0) + float(v)
+    return step_loss, step_weight, stats
 
 
 def apply_update(optimizer, state: dict, step: int, loss: float, grad_norm: float, max_nonfinite: int,
@@ -196,40 +211,40 @@ def apply_update(optimizer, state: dict, step: int, loss: float, grad_norm: floa
     return False
 
 
-def record_validation(state: dict, val: float | None, log: RunLog) -> None:
-    if val is None:
+def record_validation(state: dict, val: tuple[float | None, dict], log: RunLog) -> None:
+    loss, stats = val
+    if loss is None:
         return
-    state["last_val_loss"] = val
-    if state["best_val_loss"] is None or val < state["best_val_loss"]:
-        state["best_val_loss"], state["best_step"] = val, state["step"]
-    log.metric({"step": state["step"], "split": "validation", "loss": val, "perplexity": capped_perplexity(val)})
+    state["last_val_loss"], state["last_val_stats"] = loss, stats
+    if state["best_val_loss"] is None or loss < state["best_val_loss"]:
+        state["best_val_loss"], state["best_step"] = loss, state["step"]
+    log.metric({"step": state["step"], "split": "validation", "loss": loss, "perplexity": capped_perplexity(loss),
+                **stats})
 
 
-def train_loop(model, tokenizer, train: list[Tokenized], held_out: list[Tokenized], cfg: RunConfig,
-               run_dir: Path, log: RunLog, *, resume_from: Path | None = None,
-               loss_sum=sft_loss_sum, show_progress: bool = True) -> LoopResult:
+def train_loop(model, task: Task, cfg: RunConfig, run_dir: Path, log: RunLog, *,
+               resume_from: Path | None = None, show_progress: bool = True) -> LoopResult:
     tc = cfg.train
     device = pick_device()
     bf16 = use_bf16(device, tc.precision)
     model.to(device).train()
-    batches, row_len = plan_batches(train, cfg)
-    rows_per_batch = max(1, tc.batch_tokens // row_len)
+    batches = plan_batches(task, cfg)
     total_steps = math.ceil(len(batches) / tc.grad_accum)
     warmup = int(tc.warmup_ratio * total_steps)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, total_steps, warmup, tc.schedule))
     eval_every, save_every = every(tc.eval_every, total_steps), every(tc.save_every, total_steps)
-    pad_id, epoch_tokens = tokenizer.pad_token_id, sum(len(t.input_ids) for t in train)
+    epoch_tokens = task.tokens_per_epoch
 
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "nonfinite_in_row": 0, "best_val_loss": None,
-             "best_step": None, "last_train_loss": None, "last_val_loss": None}
+             "best_step": None, "last_train_loss": None, "last_val_loss": None, "last_val_stats": {}}
     if resume_from is not None:
         state.update(load_checkpoint(resume_from, model, optimizer, scheduler))
         log.event("info", f"resumed from {resume_from.name} (step {state['step']} of {total_steps})")
     else:
-        log.event("info", f"training: {total_steps} steps, {len(batches)} micro-batches of up to "
-                          f"{rows_per_batch}x{row_len} tokens, device {device}, {'bf16' if bf16 else 'fp32'}")
+        log.event("info", f"training: {total_steps} steps, {len(batches)} micro-batches, device {device}, "
+                          f"{'bf16' if bf16 else 'fp32'}")
 
     def checkpoint() -> Path:
         return save_checkpoint(run_dir, state["step"], model, optimizer, scheduler, state, tc.keep_checkpoints)
@@ -238,12 +253,12 @@ def train_loop(model, tokenizer, train: list[Tokenized], held_out: list[Tokenize
     with SignalCatcher() as signals, Progress(total_steps, state["step"], enabled=show_progress) as progress:
         while state["step"] < total_steps:
             step_start = time.perf_counter()
-            rows = batches[state["step"] * tc.grad_accum:(state["step"] + 1) * tc.grad_accum]
-            micro = [to_device(collate_rows(train, r, row_len, pad_id), device) for r in rows]
-            loss, weight = forward_backward(model, micro, loss_sum, device, bf16)
+            specs = batches[state["step"] * tc.grad_accum:(state["step"] + 1) * tc.grad_accum]
+            micro = [batch_to(task.collate(spec), device) for spec in specs]
+            loss, weight, stats = forward_backward(model, micro, task.loss_sum, device, bf16)
             grad_norm = clip_gradients(model, tc.max_grad_norm)
             if apply_update(optimizer, state, state["step"] + 1, loss, grad_norm, tc.max_nonfinite, log):
-                window.loss, window.weight = window.loss + loss * weight, window.weight + weight
+                window.add(loss, weight, stats)
             scheduler.step()
             tokens = sum(b.real_tokens for b in micro)
             state["step"] += 1
@@ -258,11 +273,10 @@ def train_loop(model, tokenizer, train: list[Tokenized], held_out: list[Tokenize
                 log.metric({"step": state["step"], "split": "train", "loss": window.mean_loss(),
                             "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                             "tokens_per_second": window.tokens_per_second(),
-                            "epoch": round(state["tokens"] / max(1, epoch_tokens), 4)})
+                            "epoch": round(state["tokens"] / max(1, epoch_tokens), 4), **window.mean_stats()})
                 window = LogWindow()
             if state["step"] % eval_every == 0 or last:
-                record_validation(state, evaluate_loss(model, held_out, row_len, rows_per_batch, pad_id, device,
-                                                       bf16, loss_sum), log)
+                record_validation(state, evaluate_loss(model, task, device, bf16), log)
                 if state["last_val_loss"] is not None:
                     progress.note(f"val loss {state['last_val_loss']:.4f}")
             # Mid-streak of non-finite steps, keep the last good checkpoint as the newest one.
@@ -276,7 +290,8 @@ def train_loop(model, tokenizer, train: list[Tokenized], held_out: list[Tokenize
 
     return LoopResult(state["step"], state["seconds"], state["tokens"],
                       state["tokens"] / max(1e-9, state["seconds"]), state["last_train_loss"],
-                      state["last_val_loss"], state["best_step"], round(state["tokens"] / max(1, epoch_tokens), 2))
+                      state["last_val_loss"], state["best_step"], round(state["tokens"] / max(1, epoch_tokens), 2),
+                      state["last_val_stats"])
 
 
 def clip_gradients(model, max_norm: float | None) -> float:

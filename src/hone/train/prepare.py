@@ -69,12 +69,15 @@ def validate_data(cfg: DataConfig, seed: int) -> ValidatedData:
 
 def cap_records(records: list[Conversation], n: int, seed: int) -> list[Conversation]:
     """A deterministic subset of at most n records (by content hash, so a sorted file is not biased)."""
+    return cap_records_by(records, n, seed, lambda r: json.dumps(r.to_json(), sort_keys=True))
+
+
+def cap_records_by(records: list, n: int, seed: int, key) -> list:
+    """At most n records: those with the lowest seeded hash of key(record), in their original order."""
     if len(records) <= n:
         return records
-    def key(i: int) -> str:
-        body = json.dumps(records[i].to_json(), sort_keys=True)
-        return hashlib.sha256(f"{seed}:{body}".encode()).hexdigest()
-    keep = set(sorted(range(len(records)), key=key)[:n])
+    scores = [hashlib.sha256(f"{seed}:{key(r)}".encode()).hexdigest() for r in records]
+    keep = set(sorted(range(len(records)), key=scores.__getitem__)[:n])
     return [r for i, r in enumerate(records) if i in keep]
 
 

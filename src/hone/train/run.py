@@ -23,12 +23,12 @@ import yaml
 
 from hone import __version__
 from hone.config import RunConfig, dump_config
-from hone.eval.runners import evaluate_task
-from hone.models.load import load_model, save_hf_dir
+from hone.methods import Task, method_module
+from hone.models.adapters import apply_weights, count_params, save_weights
+from hone.models.load import load_model
 from hone.train.checkpoint import latest_checkpoint
 from hone.train.device import pick_device, use_bf16
 from hone.train.loop import Interrupted, capped_perplexity, train_loop
-from hone.train.prepare import PreparedData, tokenize_data, validate_data
 from hone.train.runlog import RunLog
 
 
@@ -128,57 +128,23 @@ def initial_manifest(cfg: RunConfig) -> dict:
             "started": _now(), "status": "running"}
 
 
-# Methods that train a peft adapter over a frozen base (saved as an adapter in final/).
-ADAPTER_METHODS = ("lora", "dora", "ia3")
-
-
-def apply_method(model, cfg: RunConfig):
-    if cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    from peft import get_peft_model
-
-    return get_peft_model(model, adapter_config(cfg))
-
-
-def adapter_config(cfg: RunConfig):
-    from peft import IA3Config, LoraConfig
-
-    if cfg.method == "ia3":
-        # peft's per-architecture defaults (for Llama: k_proj, v_proj and down_proj, the latter scaled on
-        # its input), the placement the (IA)3 paper found best.
-        return IA3Config(task_type="CAUSAL_LM")
-    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, use_dora=cfg.method == "dora",
-                      task_type="CAUSAL_LM")
-
-
-def count_params(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
-def save_final(model, tokenizer, cfg: RunConfig, run_dir: Path) -> Path:
+def save_final(model, tokenizer, cfg: RunConfig, run_dir: Path, module) -> Path:
     final, tmp = run_dir / "final", run_dir / ".final-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.method in ADAPTER_METHODS:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    else:
-        save_hf_dir(model, tokenizer, tmp)
+    getattr(module, "save", save_weights)(model, tokenizer, cfg, tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
 
 
-def run_eval_once(run_dir: Path, name: str, model, tokenizer, data: PreparedData, cfg: RunConfig, bf16: bool):
-    """Evaluate and cache to eval_<name>.json, so a resumed run does not repeat it."""
+def run_eval_once(run_dir: Path, name: str, task: Task, model, cfg: RunConfig) -> dict | None:
+    """The method's held-out evaluation, cached to eval_<name>.json so a resumed run does not repeat it."""
+    if not cfg.eval.enabled or task.evaluate is None:
+        return None
     path = run_dir / f"eval_{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    result = evaluate_task(model, tokenizer, data.held_out_conversations, data.labels or None,
-                           max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, bf16=bf16)
+    result = task.evaluate(model)
     path.write_text(json.dumps(result, indent=2))
     return result
 
@@ -187,7 +153,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, show_progress: bool = 
     if cfg.data.prepare:
         cfg = run_prepare_stage(cfg)
     run_dir = resolve_run_dir(cfg, resume)
-    data = validate_data(cfg.data, cfg.train.seed)  # bad data stops us before any model is loaded
+    module = method_module(cfg.objective)
+    data = module.validate(cfg)  # bad data stops us before any model is loaded
     if resume:
         check_resume_config(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +163,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, show_progress: bool = 
     if not resume or not (run_dir / "manifest.json").is_file():
         write_manifest(run_dir, **initial_manifest(cfg))
     try:
-        return _run(cfg, run_dir, data, log, show_progress)
+        return _run(cfg, module, run_dir, data, log, show_progress)
     except Interrupted:
         write_manifest(run_dir, status="interrupted")
         raise
@@ -217,36 +184,47 @@ def run_prepare_stage(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"data": data})
 
 
-def _run(cfg: RunConfig, run_dir: Path, data, log: RunLog, show_progress: bool) -> RunOutcome:
+def load_for_training(cfg: RunConfig, module):
+    """The method's own loader (a reward head, an encoder, a shrunk student), else the base model."""
+    if hasattr(module, "load"):
+        return module.load(cfg)
+    return load_model(cfg.model.base, allow_download=cfg.model.allow_download,
+                      trust_remote_code=cfg.model.trust_remote_code)
+
+
+def _run(cfg: RunConfig, module, run_dir: Path, data, log: RunLog, show_progress: bool) -> RunOutcome:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    loaded = load_model(cfg.model.base, allow_download=cfg.model.allow_download,
-                        trust_remote_code=cfg.model.trust_remote_code)
+    loaded = load_for_training(cfg, module)
     model, tokenizer = loaded.model, loaded.tokenizer
-    prepared = tokenize_data(data, tokenizer, cfg.data, run_dir / "rejects.jsonl")
-    _log_data(log, prepared, run_dir)
-    if prepared.labels:  # `hone eval RUN` renders prompts with the same label list
-        (run_dir / "labels.json").write_text(json.dumps(prepared.labels))
     device = pick_device()
-    bf16 = use_bf16(device, cfg.train.precision)
     model.to(device)
-    base_eval = run_eval_once(run_dir, "base", model, tokenizer, prepared, cfg, bf16) if cfg.eval.enabled else None
-    model = apply_method(model, cfg)
+    task = module.build(cfg, data, model, tokenizer, run_dir, log)
+    _log_data(log, task.stats, run_dir)
+    if task.labels:  # `hone eval RUN` renders prompts with the same label list
+        (run_dir / "labels.json").write_text(json.dumps(task.labels))
+    base_eval = run_eval_once(run_dir, "base", task, model, cfg)
+    model = apply_weights(model, cfg, getattr(module, "PEFT_TASK", "CAUSAL_LM"),
+                          getattr(module, "MODULES_TO_SAVE", None))
     trainable, total = count_params(model)
-    resume_from = latest_checkpoint(run_dir)
-    result = train_loop(model, tokenizer, prepared.train, prepared.held_out, cfg, run_dir, log,
-                        resume_from=resume_from, show_progress=show_progress)
-    final = save_final(model, tokenizer, cfg, run_dir)
+    if task.before_training:
+        task.before_training(model)
+    result = train_loop(model, task, cfg, run_dir, log, resume_from=latest_checkpoint(run_dir),
+                        show_progress=show_progress)
+    final = save_final(model, tokenizer, cfg, run_dir, module)
     log.event("info", f"saved final weights to {final}")
-    tuned_eval = run_eval_once(run_dir, "tuned", model, tokenizer, prepared, cfg, bf16) if cfg.eval.enabled else None
-    training = {"method": cfg.method, "steps": result.steps, "epochs": result.epochs, "seconds": result.seconds,
-                "tokens_per_second": result.tokens_per_second, "trainable_params": trainable,
-                "total_params": total, "device": str(device), "precision": "bf16" if bf16 else "fp32",
+    tuned_eval = run_eval_once(run_dir, "tuned", task, model, cfg)
+    training = {"method": cfg.method, "objective": cfg.objective, "weights": cfg.weights, "steps": result.steps,
+                "epochs": result.epochs, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
+                "trainable_params": trainable, "total_params": total, "device": str(device),
+                "precision": "bf16" if use_bf16(device, cfg.train.precision) else "fp32",
+                "peak_memory_mb": peak_memory_mb(device),
                 "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
-                "val_perplexity": None if result.final_val_loss is None else capped_perplexity(result.final_val_loss), "best_step": result.best_step}
-    info = build_report_info(cfg, run_dir, prepared, training, base_eval, tuned_eval)
+                "val_perplexity": None if result.final_val_loss is None else capped_perplexity(result.final_val_loss),
+                "best_step": result.best_step, "validation": result.val_stats}
+    info = build_report_info(cfg, run_dir, task, training, base_eval, tuned_eval)
     from hone.eval.report import write_report
 
     write_report(run_dir, info)
@@ -255,30 +233,37 @@ def _run(cfg: RunConfig, run_dir: Path, data, log: RunLog, show_progress: bool) 
     return RunOutcome(run_dir, "succeeded", {"training": training, "eval": info["eval"]})
 
 
-def _log_data(log: RunLog, prepared: PreparedData, run_dir: Path) -> None:
-    s = prepared.stats
-    log.event("info", f"data: {s['train_examples']} train / {s['validation_examples']} held-out examples, "
-                      f"{s['train_tokens']} tokens ({s['target_tokens']} trained on), {s['truncated']} truncated, "
-                      f"{s['rejected']} rejected")
-    if s["rejected"]:
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process: the CUDA allocator's peak on a GPU, peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _log_data(log: RunLog, s: dict, run_dir: Path) -> None:
+    if "train_examples" in s:
+        log.event("info", f"data: {s['train_examples']} train / {s.get('validation_examples', 0)} held-out "
+                          f"examples, {s.get('train_tokens', 0)} tokens, {s.get('truncated', 0)} truncated, "
+                          f"{s.get('rejected', 0)} rejected")
+    if s.get("rejected"):
         log.event("warn", f"{s['rejected']} example(s) rejected; reasons in {run_dir / 'rejects.jsonl'}")
-    if s["truncated"]:
+    if s.get("truncated"):
         log.event("warn", f"{s['truncated']} example(s) truncated to data.max_seq_len")
 
 
-def build_report_info(cfg, run_dir, prepared: PreparedData, training, base_eval, tuned_eval) -> dict:
+def build_report_info(cfg, run_dir, task: Task, training, base_eval, tuned_eval) -> dict:
     info = {"name": run_dir.name, "status": "succeeded", "config_yaml": dump_config(cfg),
-            "data": prepared.stats, "training": training, "eval": None}
+            "data": task.stats, "training": training, "eval": None}
     if base_eval and tuned_eval:
-        convs = prepared.held_out_conversations
-        examples = [{"prompt": c.prompt_messages()[-1].content if c.prompt_messages() else "",
-                     "reference": c.reference(), "base": b, "tuned": t}
-                    for c, b, t in zip(convs, base_eval["outputs"], tuned_eval["outputs"])]
-        info["eval"] = {"task": tuned_eval["task"], "n": tuned_eval["n"],
+        examples = [{"prompt": b["prompt"], "reference": b["reference"], "base": b["output"], "tuned": t["output"]}
+                    for b, t in zip(base_eval.get("examples") or [], tuned_eval.get("examples") or [])]
+        info["eval"] = {"task": tuned_eval["task"], "n": tuned_eval["n"], "primary": tuned_eval.get("primary"),
                         "base": base_eval["metrics"], "tuned": tuned_eval["metrics"],
                         "base_confusion": base_eval.get("confusion"),
                         "tuned_confusion": tuned_eval.get("confusion"),
-                        "labels": prepared.labels or None,
+                        "labels": task.labels or None,
                         "examples": pick_examples(examples, cfg.eval.examples_in_report)}
     return info
 
