@@ -209,6 +209,9 @@ def chat(model: str = typer.Argument(..., help="Model: embedded name, HF directo
         out.print(f"[bold]model>[/bold] {answer}", highlight=False)
 
 
+# --- end of commands ---
+
+
 def main() -> None:  # python -m hone
     app()
 
