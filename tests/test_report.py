@@ -212,3 +212,19 @@ def test_many_labels_confusion(tmp_path):
 def test_rolling_mean_is_centred_and_shrinks_at_edges():
     values = [1.0, 2.0, 3.0, 4.0, 10.0]
     assert list(_rolling_mean(values, 3)) == pytest.approx([1.5, 2.0, 3.0, 17 / 3, 7.0])
+
+
+def test_method_primary_metric_and_lower_is_better_verdicts():
+    """Methods name their own primary metric; perplexity-like metrics improve by falling."""
+    from hone.eval.report import is_fraction_metric, judge
+
+    ppl = {"eval": {"n": 20, "primary": "domain_perplexity", "base": {"domain_perplexity": 30.2, "accuracy": 0.5},
+                    "tuned": {"domain_perplexity": 12.5, "accuracy": 0.4}}}
+    assert judge(ppl) == ("The tuned model beats the base model: domain perplexity fell (30.2 -> 12.5) on 20 "
+                          "held-out examples.", "good")
+    ppl["eval"]["tuned"]["domain_perplexity"] = 31.0
+    assert judge(ppl)[1] == "bad" and "rose (30.2 -> 31)" in judge(ppl)[0]
+    reward = {"eval": {"n": 5, "primary": "mean_reward", "base": {"mean_reward": 0.3}, "tuned": {"mean_reward": 0.3}}}
+    assert judge(reward)[1] == "bad" and "stayed at 0.3" in judge(reward)[0]
+    assert all(map(is_fraction_metric, ["preference_accuracy", "recall_at_5", "mrr", "teacher_agreement"]))
+    assert not any(map(is_fraction_metric, ["domain_perplexity", "mean_reward", "logp_margin"]))

@@ -32,7 +32,8 @@ from matplotlib.ticker import MaxNLocator
 
 from hone.eval.metrics import INVALID, exact_match, label_key, match_label, token_f1
 
-FRACTION_METRICS = ("accuracy", "macro_f1", "exact_match", "token_f1", "precision", "recall", "f1")
+FRACTION_METRICS = ("accuracy", "macro_f1", "exact_match", "token_f1", "precision", "recall", "f1", "mrr",
+                    "agreement")
 LOWER_IS_BETTER = ("seconds", "perplexity", "invalid", "loss")
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "exact_match": "exact match",
                 "token_f1": "token F1", "seconds": "eval seconds", "invalid": "invalid answers"}
@@ -52,8 +53,14 @@ def _num(x) -> float | None:
 
 
 def is_fraction_metric(key: str) -> bool:
-    """Metrics on a 0..1 scale, shown as percentages with deltas in points."""
-    return key in FRACTION_METRICS or key.startswith("rouge")
+    """Metrics on a 0..1 scale, shown as percentages with deltas in points (also names like
+    `preference_accuracy`, `recall_at_5` or `teacher_agreement`)."""
+    return (key in FRACTION_METRICS or key.startswith(("rouge", "recall_at_"))
+            or key.endswith(tuple(f"_{m}" for m in FRACTION_METRICS)))
+
+
+def lower_is_better(key: str) -> bool:
+    return any(w in key for w in LOWER_IS_BETTER)
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -130,8 +137,11 @@ def _scores(ev: dict, side: str) -> dict[str, float]:
 
 
 def primary_metric(ev: dict) -> str | None:
-    """The metric the verdict is about: accuracy for label tasks, token F1 otherwise, else any 0..1 metric."""
+    """The metric the verdict is about: the method's own choice (ev["primary"]), else accuracy for label
+    tasks, token F1 otherwise, else any 0..1 metric."""
     tuned = _scores(ev, "tuned")
+    if ev.get("primary") in tuned:
+        return ev["primary"]
     preferred = "accuracy" if ev.get("task") == "label" else "token_f1"
     if preferred in tuned:
         return preferred
@@ -152,7 +162,7 @@ def metric_table(ev: dict) -> list[dict]:
         if b is not None and t is not None and math.isfinite(b) and math.isfinite(t):
             diff = t - b
             delta = f"{_points(diff)} pts" if fraction else ("+" if diff > 0 else "") + _fmt(diff)
-            better = diff < 0 if any(w in key for w in LOWER_IS_BETTER) else diff > 0
+            better = diff < 0 if lower_is_better(key) else diff > 0
             tone = "" if abs(diff) < 1e-12 else ("good" if better else "bad")
         rows.append({"metric": METRIC_NAMES.get(key, key.replace("_", " ")), "key": key,
                      "base": "n/a" if b is None else show(b), "tuned": "n/a" if t is None else show(t),
@@ -176,8 +186,15 @@ def judge(info: dict) -> tuple[str, str]:
     on = f"on {n:,} held-out example{'' if n == 1 else 's'}" if isinstance(n, int) else "on held-out data"
     tuned, base = _scores(ev, "tuned")[key], _scores(ev, "base").get(key)
     if base is None:
-        return (f"The tuned model scores {_pct(tuned)} {name} {on}; the base model was not evaluated, "
+        shown = _pct(tuned) if is_fraction_metric(key) else _fmt(tuned)
+        return (f"The tuned model scores {shown} {name} {on}; the base model was not evaluated, "
                 "so there is no comparison.", "neutral")
+    if is_fraction_metric(key):
+        return _judge_fraction(name, on, base, tuned)
+    return _judge_value(name, on, base, tuned, lower_is_better(key))
+
+
+def _judge_fraction(name: str, on: str, base: float, tuned: float) -> tuple[str, str]:
     points = round(100 * (tuned - base), 1)  # judged at the precision shown, so the words match the table
     change = f"({_pct(base)} -> {_pct(tuned)})"
     if points > 0:
@@ -186,6 +203,18 @@ def judge(info: dict) -> tuple[str, str]:
         return f"The tuned model did not improve on the base model: {name} stayed at {_pct(base)} {on}.", "bad"
     return (f"The tuned model did not improve on the base model: {name} fell by {-points:.1f} points {on} "
             f"{change}.", "bad")
+
+
+def _judge_value(name: str, on: str, base: float, tuned: float, lower_better: bool) -> tuple[str, str]:
+    """Verdict on an unbounded metric (perplexity, mean reward), compared at the precision shown."""
+    b, t = float(_fmt(base).replace(",", "")), float(_fmt(tuned).replace(",", ""))
+    change = f"({_fmt(base)} -> {_fmt(tuned)})"
+    if b == t:
+        return f"The tuned model did not improve on the base model: {name} stayed at {_fmt(base)} {on}.", "bad"
+    moved = "fell" if t < b else "rose"
+    if (t < b) == lower_better:
+        return f"The tuned model beats the base model: {name} {moved} {change} {on}.", "good"
+    return f"The tuned model did not improve on the base model: {name} {moved} {change} {on}.", "bad"
 
 
 def verdict(info: dict) -> str:
