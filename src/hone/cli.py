@@ -209,6 +209,31 @@ def chat(model: str = typer.Argument(..., help="Model: embedded name, HF directo
         out.print(f"[bold]model>[/bold] {answer}", highlight=False)
 
 
+model_app = typer.Typer(help="Make models from models (e.g. a smaller distillation student).",
+                        no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("shrink")
+def model_shrink(base: str = typer.Argument(..., help="Model: embedded name, HF directory, .gguf file or run directory."),
+                 keep: str = typer.Option("every-other", "--keep",
+                                          help="Decoder layers to keep: every-other, first:N, or a list like 0,2,4."),
+                 out_dir: Path = typer.Option(..., "--out", help="Where to write the smaller model (an HF directory)."),
+                 allow_download: bool = typer.Option(False, "--allow-download",
+                                                     help="Allow fetching BASE from the Hugging Face hub.")):
+    """Keep some decoder layers of BASE and save the smaller model (a student for `method: distill`)."""
+    from hone.models.shrink import shrink_to_dir
+
+    quiet_libraries()
+    try:
+        info = shrink_to_dir(base, keep, out_dir, allow_download=allow_download)
+    except user_errors() as e:
+        fail(str(e))
+    out.print(f"kept layers {info['kept']} of {info['layers_before']}: {info['params_before']:,} -> "
+              f"{info['params_after']:,} parameters ({info['params_after'] / info['params_before']:.0%})")
+    out.print(f"wrote [bold]{info['out']}[/bold] (use it as model.base, or as distill's student)")
+
+
 # --- end of commands ---
 
 

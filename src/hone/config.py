@@ -107,63 +107,109 @@ class VirtualTokensConfig(Section):
     num_virtual_tokens: int = Field(20, ge=1, description=(
         "prefix / prompt tuning: learnt virtual tokens (prefix: per layer, as keys and values; prompt: "
         "prepended to the input embeddings)."))
-    init_text: str | None = Field(None, description=(
-        "prompt tuning: initialise the virtual tokens from this text's embeddings (usually trains faster "
-        "than random)."))
+    init_text: str | None = Field(None, min_length=1, description=(
+        "prompt tuning: initialise the virtual tokens from this text's token embeddings, repeated to fill "
+        "them (e.g. a description of the task). Null: embeddings of randomly sampled vocabulary tokens."))
+    prefix_projection: bool = Field(False, description=(
+        "prefix tuning: learn the prefix through a two-layer MLP (the prefix-tuning paper's reparametrisation, "
+        "steadier but with many more trainable parameters) instead of directly."))
+    prefix_projection_size: int = Field(512, ge=1, description="prefix tuning: hidden size of that MLP.")
 
 
 class QuantConfig(Section):
-    compute_dtype: Literal["bf16", "fp32"] = Field("bf16", description="qlora: dtype of the 4-bit layers' matmuls.")
+    compute_dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description=(
+        "qlora: dtype of the 4-bit layers' matmuls. 'auto': bf16 where the device runs it fast (CUDA with "
+        "bf16, CPUs with AVX512-BF16/AMX), else fp32 (emulated bf16 is ~100x slower)."))
     double_quant: bool = Field(True, description="qlora: quantise the quantisation constants too (saves ~0.4 bit/weight).")
+    gradient_checkpointing: bool = Field(True, description=(
+        "qlora: recompute activations in the backward pass instead of keeping them (peft's k-bit recipe): "
+        "less memory, about a third more compute."))
 
 
 class CptConfig(Section):
     embedding_lr_ratio: float = Field(1.0, gt=0, le=1, description=(
         "Learning rate of the embeddings and LM head as a share of train.learning_rate (e.g. 0.1 moves them "
-        "less, so new text shifts general vocabulary less). Applies when they are trained (adapter: full)."))
+        "less, so new text shifts general vocabulary less). Applies when they are trained: adapter: full, or "
+        "an adapter with cpt.train_embeddings: true."))
+    train_embeddings: bool = Field(False, description=(
+        "With an adapter (lora, dora, ...): also train the input embeddings and LM head themselves (one "
+        "matrix when tied, as in SmolLM2), saved with the adapter. adapter: full trains them anyway."))
+    separator: str | None = Field(None, description=(
+        "Token put after every document before they are concatenated and cut into blocks (null: the "
+        "tokenizer's EOS token). E.g. '<|endoftext|>', SmolLM2's pretraining separator."))
     general_text: str | None = Field(None, description=(
         "A file of general (non-domain) text ({text} rows) whose perplexity is measured before and after, "
         "so forgetting is visible. Default: a general-English sample shipped with hone."))
+    general_max_tokens: int = Field(20000, ge=16, description=(
+        "Measure general perplexity on at most this many tokens (the general file's first documents)."))
 
 
 class PreferenceConfig(Section):
-    beta: float = Field(0.1, gt=0, description="dpo / simpo: strength of the implicit KL to the reference (higher stays closer).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: assumed share of flipped labels (conservative DPO).")
+    beta: float = Field(0.1, gt=0, description=(
+        "dpo: strength of the implicit KL to the reference (higher stays closer); the reward of an answer is "
+        "beta x (policy log-prob - reference log-prob)."))
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
+        "dpo: assumed share of flipped labels (conservative DPO, cDPO); 0 is plain DPO."))
     precompute_reference: bool = Field(True, description=(
-        "dpo: compute the reference model's log-probs once before training (cached in the run directory), "
-        "instead of a second forward pass every step."))
-    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin (gamma / beta in the paper's terms is the margin ratio).")
+        "dpo: compute the reference model's log-probs once before training (cached in the run directory as "
+        "reference_logps.safetensors, reloaded on resume), instead of a second forward pass every step."))
+    simpo_beta: float = Field(2.0, gt=0, description=(
+        "simpo: reward scale; the reward is simpo_beta x the answer's mean per-token log-prob (the paper uses "
+        "2 to 2.5, far above DPO's beta, because the reward is length-normalised)."))
+    simpo_gamma: float = Field(1.0, ge=0, description=(
+        "simpo: target reward margin gamma (in reward units, after simpo_beta; the paper's gamma/beta ratio "
+        "is simpo_gamma / simpo_beta)."))
     orpo_lambda: float = Field(0.1, gt=0, description="orpo: weight of the odds-ratio term beside the SFT loss on chosen.")
-    max_prompt_tokens: int = Field(512, ge=8, description="Prompts are cut from the left to this many tokens (the latest turns kept).")
+    max_prompt_tokens: int = Field(512, ge=8, description=(
+        "Prompts are cut from the left to this many tokens (the latest turns kept); must be below "
+        "data.max_seq_len so answers have room."))
 
 
 class RlhfConfig(Section):
     reward: str | None = Field(None, description=(
-        "The reward: a hone reward run directory (method: reward), or 'module:function' / 'file.py:function' "
-        "taking (prompt, completion, reference) and returning a float. Built-ins: 'exact_match', 'token_f1'."))
-    group_size: int = Field(4, ge=2, description="Completions sampled per prompt (GRPO compares them within the group).")
-    max_new_tokens: int = Field(64, ge=1, description="Longest sampled completion.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts.")
-    kl_coef: float = Field(0.04, ge=0, description="Weight of the KL penalty against the reference (starting) policy.")
+        "The reward (required for method rlhf): a hone reward run directory (method: reward), or "
+        "'module:function' / 'path/to/file.py:function' taking (prompt, completion, reference) and returning "
+        "a number. Built-ins, against each row's reference: 'exact_match', 'token_f1' (SQuAD-normalised) and "
+        "'label_match' (the answer names the reference label and no other)."))
+    group_size: int = Field(4, ge=2, description=(
+        "Completions sampled per prompt. GRPO's baseline is the group's mean reward, so a group whose "
+        "completions all score the same teaches nothing; larger groups find differences more often."))
+    prompts_per_batch: int = Field(2, ge=1, description=(
+        "Prompts per micro-batch (each sampled group_size times, so a micro-batch holds prompts_per_batch x "
+        "group_size completions). train.grad_accum multiplies it per optimizer step."))
+    max_new_tokens: int = Field(64, ge=1, description=(
+        "Longest sampled completion in tokens (also the limit for the held-out evaluation's greedy answers)."))
+    temperature: float = Field(1.0, gt=0, description=(
+        "Sampling temperature for rollouts; the policy's log-probs are taken at the same temperature."))
+    kl_coef: float = Field(0.04, ge=0, description=(
+        "Weight (beta) of the KL penalty against the reference policy, the starting model: with an adapter, "
+        "the base with the adapter disabled; with full weights, a frozen copy. 0 turns it off."))
 
 
 class DistillConfig(Section):
-    teacher: str | None = Field(None, description="The teacher: any model.base value, or a hone run directory.")
+    teacher: str | None = Field(None, description=(
+        "The teacher (required for method: distill): any model.base value, or a hone run directory (its tuned "
+        "weights, adapters included). Checked before any model loads; model.allow_download applies to it too."))
     mode: Literal["auto", "logits", "sequence"] = Field("auto", description=(
         "logits: match the teacher's token distribution (forward KL; needs the same tokenizer). sequence: "
         "the teacher writes the answers and the student learns them. auto: logits when the tokenizers match."))
     temperature: float = Field(2.0, gt=0, description="Softmax temperature for logit distillation (loss scaled by T^2).")
     alpha: float = Field(0.5, ge=0, le=1, description="Share of the KL term; the rest is cross-entropy on the reference answers.")
     student_layers: str | None = Field(None, description=(
-        "Make the student from model.base by keeping some layers: 'every-other', 'first:N', or a list like "
-        "'0,2,4'. Null: model.base as it is."))
+        "Make the student from model.base by keeping some decoder layers: 'every-other', 'first:N', or a list "
+        "like '0,2,4' (as `hone model shrink` does). Null: model.base as it is. Train a shrunk student with "
+        "adapter: full (lora/dora/ia3 also work; the final model is saved merged)."))
 
 
 class ContrastiveConfig(Section):
     temperature: float = Field(0.05, gt=0, description="InfoNCE temperature (similarity scale 1/T; 0.05 is sentence-transformers' 20).")
-    pooling: Literal["mean", "cls"] = Field("mean", description="How token vectors become one sentence vector.")
-    max_seq_len: int = Field(128, ge=8, description="Longest query or passage in tokens.")
-    batch_size: int = Field(32, ge=2, description="Pairs per batch: every other pair's passage is an in-batch negative.")
+    pooling: Literal["mean", "cls"] = Field("mean", description=(
+        "How token vectors become one sentence vector: the mean over real (non-pad) tokens, or the first "
+        "token's vector. Saved in final/1_Pooling/config.json."))
+    max_seq_len: int = Field(128, ge=8, description="Longest query or passage in tokens (longer ones are truncated and counted).")
+    batch_size: int = Field(32, ge=2, description=(
+        "Pairs per micro-batch: every other pair's passage (and hard negative) is a negative for each query. "
+        "Larger batches give more negatives; train.grad_accum does not (negatives never cross micro-batches)."))
 
 
 class RunConfig(Section):

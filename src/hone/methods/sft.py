@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from hone.data.pack import MicroBatch, collate_rows, pack_rows, plan_epoch, row_length
 from hone.methods import Task
+from hone.models.adapters import is_prompt_learning, virtual_token_hidden_states
 
 
 def unwrap(model):
@@ -23,6 +24,12 @@ def unwrap(model):
 
 
 def hidden_states(model, batch: MicroBatch) -> torch.Tensor:
+    """The decoder's last hidden state at every position (rows, row_len, hidden). Prefix and prompt tuning
+    add virtual tokens in peft's forward, so they go through it one example per row (see
+    adapters.virtual_token_hidden_states: positions of rows' padding tails are left at zero); every other
+    model calls its decoder directly, which LoRA-family adapters have already changed in place."""
+    if is_prompt_learning(model):
+        return virtual_token_hidden_states(model, batch.input_ids, batch.position_ids, batch.labels != -100)
     decoder = unwrap(model).get_decoder()
     out = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     return out.last_hidden_state

@@ -185,9 +185,21 @@ def run_prepare_stage(cfg: RunConfig) -> RunConfig:
 
 
 def load_for_training(cfg: RunConfig, module):
-    """The method's own loader (a reward head, an encoder, a shrunk student), else the base model."""
+    """The method's own loader (a reward head, an encoder, a shrunk student), else the base model.
+
+    qlora: first check that bitsandbytes' 4-bit layers run on this device (a clear error before any model
+    loads), then load the base with 4-bit NF4 linear layers (a method's own model is quantised in place,
+    its extra modules such as a score head kept in full precision)."""
+    from hone.models.adapters import check_supported, load_quantized, quantize_in_place
+
+    check_supported(cfg)
     if hasattr(module, "load"):
-        return module.load(cfg)
+        loaded = module.load(cfg)
+        if cfg.weights == "qlora":
+            quantize_in_place(loaded.model, cfg, keep=getattr(module, "MODULES_TO_SAVE", None) or ())
+        return loaded
+    if cfg.weights == "qlora":
+        return load_quantized(cfg)
     return load_model(cfg.model.base, allow_download=cfg.model.allow_download,
                       trust_remote_code=cfg.model.trust_remote_code)
 
