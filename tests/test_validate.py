@@ -210,3 +210,11 @@ def test_write_rejects_is_jsonl_of_problem_json(tmp_path):
     lines = out.read_text(encoding="utf-8").splitlines()
     assert [json.loads(x) for x in lines] == [p.to_json() for p in probs]
     assert "é" in lines[0]
+
+
+def test_preference_pairs_given_to_sft_point_to_the_preference_methods(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    report = validate_file(path, instruction="{labels}")
+    assert [p.code for p in report.problems] == ["unknown_shape"]
+    assert "dpo" in report.problems[0].message and report.problems[0].line == 1

@@ -145,6 +145,9 @@ def _detect_shape(row: dict) -> tuple[str, tuple[str, ...]]:
     for shape, required, optional in SHAPES:
         if all(k in present for k in required):
             return shape, required + optional
+    if "chosen" in present and "rejected" in present:
+        raise _Bad("unknown_shape", "this is a preference pair (chosen / rejected), which supervised "
+                                    "fine-tuning cannot use: set method to dpo, orpo, simpo or reward")
     # No complete shape: a partly present one is most likely what the user meant.
     for shape, required, _ in SHAPES:
         have = [k for k in required if k in present]
