@@ -19,14 +19,15 @@ from hone.train.run import run_training
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-try:
-    import bitsandbytes  # noqa: F401
 
-    HAVE_BNB = True
-except ImportError:
-    HAVE_BNB = False
+def _qlora_problem() -> str | None:
+    from hone.models.adapters import bitsandbytes_problem
 
-needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not installed (pip install 'hone[qlora]')")
+    return bitsandbytes_problem(torch.device("cpu"))
+
+
+QLORA_PROBLEM = _qlora_problem()  # the check hone itself runs: bitsandbytes importable and working here
+needs_bnb = pytest.mark.skipif(QLORA_PROBLEM is not None, reason=f"qlora cannot run here: {QLORA_PROBLEM}")
 # Learning rates that move each adapter visibly in a dozen steps on the tiny model (prompt-learning adapters
 # need far larger steps than LoRA: their few parameters sit before the whole network).
 SETTINGS = {"qlora": {"learning_rate": 3e-3}, "prefix": {"learning_rate": 3e-1}, "prompt": {"learning_rate": 3e-1}}
@@ -87,13 +88,13 @@ def packed_examples(tok):
     return examples, collate_rows(examples, [[0, 1], [2]], width, tok.pad_token_id)
 
 
-def prompt_model(tiny_model_dir, method: str):
+def prompt_model(base, method: str):
     from hone.models.adapters import apply_weights
     from hone.models.load import load_model
 
-    cfg = parse_config({"method": method, "model": {"base": str(tiny_model_dir)}, "data": {"train": "x.jsonl"},
+    cfg = parse_config({"method": method, "model": {"base": str(base)}, "data": {"train": "x.jsonl"},
                         "virtual_tokens": {"num_virtual_tokens": 5}})
-    loaded = load_model(str(tiny_model_dir))
+    loaded = load_model(str(base))
     torch.manual_seed(0)
     model = apply_weights(loaded.model, cfg)
     with torch.no_grad():  # far from their starting values, so a forgotten virtual token would show
@@ -115,31 +116,47 @@ def standalone_loss_sum(model, examples) -> torch.Tensor:
     return total
 
 
-@pytest.mark.parametrize("method", ["prefix", "prompt"])
-def test_packed_loss_equals_each_example_alone_through_peft(tiny_model_dir, method):
+def check_packed_loss_equals_each_example_alone(model, tok, rtol=1e-5):
     from hone.methods.sft import sft_loss_sum
 
-    model, tok = prompt_model(tiny_model_dir, method)
     examples, batch = packed_examples(tok)
     packed = sft_loss_sum(model, batch)
     alone = standalone_loss_sum(model, examples)
-    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed, alone, rtol=rtol, atol=1e-5)
     params = [p for p in model.parameters() if p.requires_grad]
     for a, b in zip(torch.autograd.grad(packed, params), torch.autograd.grad(alone, params)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=100 * rtol, atol=1e-6)
     with model.disable_adapter():  # the same rows without virtual tokens: a different loss
         assert abs(sft_loss_sum(model, batch).item() - packed.item()) > 0.1
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_packed_loss_equals_each_example_alone_through_peft(tiny_model_dir, method):
+    check_packed_loss_equals_each_example_alone(*prompt_model(tiny_model_dir, method))
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_generation_sees_the_virtual_tokens_the_loss_saw(tiny_model_dir, method):
+    check_generation_matches_the_loss_path(*prompt_model(tiny_model_dir, method))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_virtual_tokens_on_the_embedded_model(method):
+    from hone.config import EMBEDDED_MODEL
+
+    model, tok = prompt_model(EMBEDDED_MODEL, method)
+    check_packed_loss_equals_each_example_alone(model, tok, rtol=1e-4)
+    check_generation_matches_the_loss_path(model, tok)
+
+
+def check_generation_matches_the_loss_path(model, tok):
     """The first generated token's scores equal the training path's logits at the prompt's last position."""
     from hone.data.pack import MicroBatch
     from hone.data.template import render_prompt
     from hone.methods.sft import hidden_states, unwrap
     from hone.records import Message
 
-    model, tok = prompt_model(tiny_model_dir, method)
     prompt = render_prompt(tok, [Message("user", "where is my package?")])
     ids = torch.tensor([prompt])
     with torch.no_grad():
@@ -370,6 +387,18 @@ def test_cli_reports_qlora_problem_as_a_user_error(tiny_config, tmp_path, monkey
     result = CliRunner().invoke(app, ["train", str(path)])
     assert result.exit_code == 2, result.output
     assert "qlora needs bitsandbytes" in result.output and "lora" in result.output
+
+
+def test_objectives_that_bypass_peft_refuse_prompt_learning():
+    from hone.models.adapters import AdapterError, check_supported
+
+    for method in ("dpo", "reward", "contrastive"):
+        cfg = parse_config({"method": method, "adapter": "prefix", "data": {"train": "x.jsonl"}})
+        with pytest.raises(AdapterError, match=f"'prefix' does not work with method '{method}'.*lora"):
+            check_supported(cfg)
+    for method in ("prompt", "cpt", "distill", "rlhf"):
+        check_supported(parse_config({"method": method, **({} if method == "prompt" else {"adapter": "prompt"}),
+                                      "data": {"train": "x.jsonl"}}))
 
 
 def test_lora_keeps_the_direct_decoder_path(tiny_config, tmp_path, monkeypatch):

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from hone.config import ConfigError, parse_config
 from hone.methods.pairs import Pair, tokenize_pair
-from hone.methods.reward import (ScoreBatch, bradley_terry_loss_sum, collate_sequences, load_scorer, pack_pairs,
-                                 scored_ids, set_distinct_pad)
+from hone.methods.reward import (bradley_terry_loss_sum, collate_scored, load_score_model, load_scorer, pack_pairs,
+                                 scored_ids, sequence_scores, set_distinct_pad)
 from hone.records import Message
 from hone.train.prepare import DataProblems
 from hone.train.run import run_training
@@ -96,10 +96,10 @@ def test_scored_ids_match_training_sequences_including_truncation(tiny):
     pair = Pair((Message("user", "where is my package " * 6),), "thanks a lot " * 8, "no")
     for limits in ((512, 1024), (8, 40), (8, 12)):
         t = tokenize_pair(tok, pair, *limits)
-        assert scored_ids(tok, pair.prompt, pair.chosen, *limits) == t.prompt_ids + t.chosen_ids
-        assert scored_ids(tok, pair.prompt, pair.rejected, *limits) == t.prompt_ids + t.rejected_ids
-    full = scored_ids(tok, pair.prompt, pair.chosen, 512, 1024)
-    assert tok.convert_ids_to_tokens(full[-1]) == "<|im_end|>"  # the score is read at end-of-turn
+        assert scored_ids(tok, pair.prompt, pair.chosen, *limits) == (t.prompt_ids, t.chosen_ids)
+        assert scored_ids(tok, pair.prompt, pair.rejected, *limits) == (t.prompt_ids, t.rejected_ids)
+    _, answer = scored_ids(tok, pair.prompt, pair.chosen, 512, 1024)
+    assert tok.convert_ids_to_tokens(answer[-1]) == "<|im_end|>"  # the score is read at end-of-turn
 
 
 def test_pack_pairs_respects_the_token_budget():
@@ -107,15 +107,43 @@ def test_pack_pairs_respects_the_token_budget():
         def __init__(self, n):
             self.prompt_ids, self.chosen_ids, self.rejected_ids = [1] * n, [2] * 2, [3]
 
-    pairs = [P(n) for n in (10, 10, 10, 30, 100)]  # lengths 12, 12, 12, 32, 102
-    batches = pack_pairs(list(range(5)), pairs, budget=80)
-    assert batches == [[0, 1, 2], [3], [4]]  # 2*3*12=72 fits; adding 32 would not; 102 alone exceeds
+    pairs = [P(n) for n in (10, 10, 10, 30, 100)]  # one prompt row + two answer rows of 2: 14, 14, 14, 34, 104
+    batches = pack_pairs(list(range(5)), pairs, budget=50)
+    assert batches == [[0, 1, 2], [3], [4]]  # 3*14=42 fits; adding 34 would not; 104 alone exceeds
 
 
-def test_collate_pads_right_and_points_at_last_tokens():
-    b = collate_sequences([[5, 6, 7], [8]], pad_id=0, target_weight=1)
-    assert b.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert b.last.tolist() == [2, 0] and b.real_tokens == 4 and b.target_weight == 1
+def test_collate_pads_right_and_maps_answers_to_prompts():
+    b = collate_scored([[5, 6, 7], [8]], [[1], [2, 3], [4]], [0, 1, 0], pad_id=0, target_weight=1)
+    assert b.prompt_ids.tolist() == [[5, 6, 7], [8, 0, 0]] and b.prompt_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b.answer_ids.tolist() == [[1, 0], [2, 3], [4, 0]] and b.answer_prompt.tolist() == [0, 1, 0]
+    assert b.real_tokens == 8 and b.target_weight == 1
+
+
+def _full_sequence_scores(model, rows: list[list[int]]) -> torch.Tensor:
+    """The plain path: each whole sequence on its own through the model's transformer, head at the end."""
+    backbone = model.model
+    return torch.cat([model.score(backbone(input_ids=torch.tensor([r])).last_hidden_state[:, -1]) for r in rows])[:, 0]
+
+
+def test_shared_prompt_scores_and_gradients_equal_full_sequences(tiny_model_dir, one_torch_thread):
+    torch.manual_seed(0)
+    model = load_score_model(str(tiny_model_dir)).model
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    answers = [[20, 21], [22, 23, 24, 25], [26], [27, 28, 29], [30, 31]]
+    owner = [0, 0, 1, 2, 2]  # prompts 0 and 2 are shared by two answers
+    batch = collate_scored(prompts, answers, owner, pad_id=0)
+    shared = sequence_scores(model, batch)
+    full = _full_sequence_scores(model, [prompts[o] + a for o, a in zip(owner, answers)])
+    assert shared.tolist() == pytest.approx(full.tolist(), abs=1e-5)
+    weights = torch.arange(1.0, 6.0)  # any scalar of the scores: gradients must match through the cache
+    grads = []
+    for scores in (shared, full):
+        model.zero_grad()
+        (scores * weights).sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "score.weight" in grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
 
 
 def test_pad_token_is_made_distinct_from_end_of_turn(tiny_model_dir):
@@ -189,6 +217,9 @@ def test_full_weights_round_trip_and_plain_transformers_agree(reward_config, one
     prompts, answers = ["where is my package?", "hello team"], ["thanks, it ships today", "no"]
     scores = scorer.score(prompts, answers)
     assert scorer.score(prompts[:1], answers[:1]) == pytest.approx(scores[:1], abs=1e-5)  # batching is neutral
+    group = ["thanks, it ships today", "no", "the courier has it", "thanks"]  # rlhf: completions of one prompt
+    together = scorer.score([prompts[0]] * 4, group)
+    assert together == pytest.approx([scorer.score(prompts[:1], [g])[0] for g in group], abs=1e-5)
     tuned = json.loads((out.run_dir / "eval_tuned.json").read_text())["metrics"]
     held = [json.loads(x) for x in Path(reward_config["data"]["validation"]).read_text().splitlines()]
     again = scorer.score([r["prompt"] for r in held], [r["chosen"] for r in held])
@@ -196,10 +227,12 @@ def test_full_weights_round_trip_and_plain_transformers_agree(reward_config, one
     # final/ is an ordinary transformers sequence classifier: with right padding its own pooling (last
     # non-pad token) lands on the same end-of-turn token.
     plain = AutoModelForSequenceClassification.from_pretrained(out.run_dir / "final").eval()
-    seqs = [scored_ids(scorer.tokenizer, ((Message("user", p)),), a, 512, 64) for p, a in zip(prompts, answers)]
-    batch: ScoreBatch = collate_sequences(seqs, scorer.tokenizer.pad_token_id)
+    seqs = [sum(scored_ids(scorer.tokenizer, (Message("user", p),), a, 512, 64), []) for p, a in zip(prompts, answers)]
+    ids = torch.full((2, max(map(len, seqs))), scorer.tokenizer.pad_token_id)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
     with torch.no_grad():
-        logits = plain(input_ids=batch.input_ids).logits[:, 0]
+        logits = plain(input_ids=ids).logits[:, 0]
     assert logits.tolist() == pytest.approx(scores, abs=1e-5)
 
 

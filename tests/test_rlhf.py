@@ -143,6 +143,15 @@ def test_bad_reward_names_are_config_errors(spec, message):
         resolve_reward(spec)
 
 
+def test_a_bad_reward_stops_the_run_before_anything_loads(tmp_path):
+    cfg = _cfg(tmp_path, toy_rows(10, 1))
+    cfg["rlhf"]["reward"] = "rewards_nowhere:score"
+    cfg["model"] = {"base": str(tmp_path / "no-such-model")}  # would fail to load, if it were reached
+    with pytest.raises(ConfigError, match="rewards_nowhere"):
+        run_training(parse_config(cfg), show_progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_reward_run_directory_is_checked(tmp_path):
     not_a_run = tmp_path / "plain"
     not_a_run.mkdir()
@@ -313,3 +322,25 @@ def test_resume_is_exact(tiny_model_dir, tmp_path, one_torch_thread):
     for a, b in zip(first[3:6], again):
         assert (a["reward"], a["kl"], a["loss"], a["completion_length"]) == (b["reward"], b["kl"], b["loss"],
                                                                            b["completion_length"])
+
+
+def test_a_reward_model_run_scores_the_completions(tiny_model_dir, tmp_path, one_torch_thread):
+    """rlhf.reward = a `method: reward` run: its scorer sees the whole prompt conversation and each answer."""
+    from hone.methods.reward import load_scorer as load_reward_model
+
+    pairs = [{"prompt": f"question {i}", "chosen": "thanks a lot", "rejected": "no"} for i in range(12)]
+    reward_cfg = {"method": "reward", "name": "rm", "output_dir": str(tmp_path / "runs"),
+                  "model": {"base": str(tiny_model_dir)},
+                  "data": {"train": str(write_jsonl(tmp_path / "pairs.jsonl", pairs)), "max_seq_len": 64},
+                  "train": {"max_steps": 2, "threads": 1, "precision": "fp32"}, "eval": {"enabled": False}}
+    rm_dir = run_training(parse_config(reward_cfg), show_progress=False).run_dir
+    cfg = _run_cfg(tiny_model_dir, tmp_path, 2, rlhf={"reward": str(rm_dir)}, train={"precision": "fp32"})
+    out = run_training(parse_config(cfg), show_progress=False)
+    rows = [r for r in _metrics(out.run_dir) if r["split"] == "train"]
+    assert len(rows) == 2 and all(math.isfinite(r["reward"]) for r in rows)
+    tuned = json.loads((out.run_dir / "eval_tuned.json").read_text())
+    assert tuned["primary"] == "mean_reward"
+    scorer = load_reward_model(rm_dir, precision="fp32")
+    examples = tuned["examples"]
+    again = scorer.score([[{"role": "user", "content": e["prompt"]}] for e in examples], [e["output"] for e in examples])
+    assert [e["reward"] for e in examples] == pytest.approx(again, abs=1e-5)

@@ -38,6 +38,7 @@ from hone.methods.sft import unwrap
 
 IGNORE = -100
 REFERENCE_FILE = "reference_logps.safetensors"
+BUCKET = 64  # pairs sorted by length together when an epoch is planned
 
 
 # --- losses: pure tensor functions over per-pair log-probs (B,) ------------------------------------------
@@ -123,6 +124,23 @@ def group_pairs(indices: list[int], pairs: list[TokenizedPair], batch_tokens: in
     return groups + [current] if current else groups
 
 
+def by_length(indices: list[int], pairs: list[TokenizedPair]) -> list[int]:
+    return sorted(indices, key=lambda i: pair_length(pairs[i]))
+
+
+def shuffled_groups(n: int, pairs: list[TokenizedPair], batch_tokens: int, seed: int) -> list[list[int]]:
+    """One epoch's micro-batches: a seeded shuffle, sorted by length within windows of BUCKET pairs (so a
+    batch's sequences are alike in length and padding stays small), then the batches shuffled."""
+    rng = random.Random(seed)
+    order = list(range(n))
+    rng.shuffle(order)
+    groups = []
+    for start in range(0, n, BUCKET):
+        groups += group_pairs(by_length(order[start:start + BUCKET], pairs), pairs, batch_tokens)
+    rng.shuffle(groups)
+    return groups
+
+
 def collate_pairs(pairs: list[TokenizedPair], indices: list[int], pad_id: int) -> PairBatch:
     seqs = ([(pairs[i].prompt_ids, pairs[i].chosen_ids) for i in indices]
             + [(pairs[i].prompt_ids, pairs[i].rejected_ids) for i in indices])
@@ -164,6 +182,9 @@ class Reference:
         self.cache: torch.Tensor | None = None  # (pairs, 2): chosen, rejected
         self.frozen = None                      # a frozen copy, only for adapter: full without precompute
         self.ready = False                      # False before training: the policy IS the reference then
+        # (pair indices, (n, 2) log-probs) the base evaluation measured: the starting model on the held-out
+        # pairs, i.e. their reference log-probs, so precomputing does not score them a second time.
+        self.seen: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def logps(self, model, batch: PairBatch) -> torch.Tensor:
         if self.cache is not None:
@@ -275,14 +296,13 @@ def build(cfg, data, model, tokenizer, run_dir: Path, log) -> Task:
     pairs = train + held  # one index space: the reference cache has a row per pair, train first
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     held_ids = list(range(len(train), len(pairs)))
-    held_batches = [collate_pairs(pairs, g, pad_id) for g in group_pairs(held_ids, pairs, cfg.train.batch_tokens)]
+    held_batches = [collate_pairs(pairs, g, pad_id)
+                    for g in group_pairs(by_length(held_ids, pairs), pairs, cfg.train.batch_tokens)]
     reference = Reference()
     objective = cfg.objective
 
     def epoch_plan(epoch: int) -> list[list[int]]:
-        order = list(range(len(train)))
-        random.Random(cfg.train.seed * 100_003 + epoch).shuffle(order)
-        return group_pairs(order, pairs, cfg.train.batch_tokens)
+        return shuffled_groups(len(train), pairs, cfg.train.batch_tokens, cfg.train.seed * 100_003 + epoch)
 
     def before_training(model) -> None:
         if objective == "dpo":
@@ -330,7 +350,7 @@ def prepare_reference(reference: Reference, model, pairs: list[TokenizedPair], p
             return
         log.event("warn", f"{path.name} was computed for other pairs; recomputing it")
     start = time.perf_counter()
-    reference.cache = compute_reference(model, pairs, pad_id, cfg)
+    reference.cache = compute_reference(model, pairs, pad_id, cfg, reference.seen)
     cpu = reference.cache.cpu()
     tmp = path.with_suffix(".tmp")
     save_file({"chosen": cpu[:, 0].contiguous(), "rejected": cpu[:, 1].contiguous()}, str(tmp),
@@ -340,15 +360,20 @@ def prepare_reference(reference: Reference, model, pairs: list[TokenizedPair], p
                       f"{time.perf_counter() - start:.0f}s and cached to {path.name}")
 
 
-def compute_reference(model, pairs: list[TokenizedPair], pad_id: int, cfg) -> torch.Tensor:
+def compute_reference(model, pairs: list[TokenizedPair], pad_id: int, cfg, seen=None) -> torch.Tensor:
+    """(pairs, 2) reference log-probs of every pair; rows in `seen` (from the base evaluation) are reused."""
     from hone.train.device import autocast, pick_device, use_bf16
 
     device = _device_of(model)
     bf16 = use_bf16(pick_device(), cfg.train.precision)  # the loop's precision, so step 1 starts at loss log 2
     out = torch.zeros(len(pairs), 2, device=device)
+    todo = set(range(len(pairs)))
+    if seen is not None:
+        out[seen[0].to(device)] = seen[1].to(device)
+        todo -= set(seen[0].tolist())
     was_training = model.training
     model.eval()
-    for group in group_pairs(list(range(len(pairs))), pairs, cfg.train.batch_tokens):
+    for group in group_pairs(by_length(sorted(todo), pairs), pairs, cfg.train.batch_tokens):
         batch = batch_to(collate_pairs(pairs, group, pad_id), device)
         with autocast(device, bf16), starting_weights(model) as ref:
             out[batch.pair_index] = reference_logps(ref, batch)
@@ -371,7 +396,7 @@ def evaluate_pairs(model, batches: list[PairBatch], reference: Reference, cfg) -
     bf16 = use_bf16(pick_device(), cfg.train.precision)
     was_training = model.training
     model.eval()
-    sums, means, refs = [], [], []
+    sums, means, refs, index = [], [], [], []
     with torch.no_grad():
         for batch in batches:
             batch = batch_to(batch, device)
@@ -380,10 +405,13 @@ def evaluate_pairs(model, batches: list[PairBatch], reference: Reference, cfg) -
                 if cfg.objective == "dpo" and reference.ready:
                     refs.append(reference.logps(model, batch).float().cpu())
             sums.append(torch.stack(logps.float().cpu().chunk(2), 1))
+            index.append(batch.pair_index.cpu())
             means.append(torch.stack((logps.float() / lengths).cpu().chunk(2), 1))
     model.train(was_training)
     s, m = torch.cat(sums), torch.cat(means)
     metrics = preference_metrics(s, m)
+    if cfg.objective == "dpo" and not reference.ready:
+        reference.seen = (torch.cat(index), s)
     if cfg.objective == "dpo":
         # Before training the policy is the reference, so every implicit reward is 0 by construction.
         ref = torch.cat(refs) if refs else s

@@ -122,6 +122,15 @@ def _as_dicts(messages: list[Message]) -> list[dict]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
+def reward_prompts(rows: list[PromptRow], reward: Reward) -> list:
+    """What the reward sees as each prompt: a reward model gets the whole conversation the policy saw (the
+    system instruction of label rows included), as it was trained on conversations; a function gets the
+    prompt as the data gave it."""
+    if reward.kind == "model":
+        return [_as_dicts(list(r.messages)) for r in rows]
+    return [r.given for r in rows]
+
+
 def _reference(row: dict) -> str | None:
     if any(row.get(k) is not None for k in REFERENCE_KEYS):
         return text_field(row, *REFERENCE_KEYS)
@@ -281,6 +290,7 @@ class Policy:
     rows: list[PromptRow]
     prompt_ids: list[list[int]]
     score: Any            # (prompts, completions, references) -> list[float]
+    reward: Reward
     tokenizer: Any
     cfg: Any
     stops: list[int]
@@ -295,7 +305,7 @@ class Policy:
         texts = [self.tokenizer.decode(row[m.bool()], skip_special_tokens=True).strip()
                  for row, m in zip(rollout.completion, rollout.completion_mask)]
         rows = [self.rows[i] for i in picked for _ in range(rc.group_size)]
-        rewards = torch.tensor(self.score([r.given for r in rows], texts, [r.reference for r in rows]))
+        rewards = torch.tensor(self.score(reward_prompts(rows, self.reward), texts, [r.reference for r in rows]))
         advantages, group_std = group_advantages(rewards, rc.group_size)
         device = rollout.sequences.device
         logp = completion_logps(model, rollout, rc.temperature)
@@ -324,7 +334,7 @@ def build(cfg, data: MethodData, model, tokenizer, run_dir: Path, log) -> Task:
     score = load_scorer(reward, data.labels or sorted({r.reference for r in data.train if r.reference}))
     room = cfg.data.max_seq_len - cfg.rlhf.max_new_tokens
     prompt_ids, truncated = tokenize_prompts(tokenizer, data.train, room)
-    policy = Policy(data.train, prompt_ids, score, tokenizer, cfg, stop_token_ids(model, tokenizer))
+    policy = Policy(data.train, prompt_ids, score, reward, tokenizer, cfg, stop_token_ids(model, tokenizer))
     if data.problems:
         from hone.data.validate import write_rejects
 
@@ -377,7 +387,7 @@ def reward_evaluator(cfg, tokenizer, rows: list[PromptRow], score, reward: Rewar
         start = time.perf_counter()
         outputs = generate(model, tokenizer, [list(r.messages) for r in rows], max_new_tokens=cfg.rlhf.max_new_tokens,
                            batch_size=cfg.eval.batch_size, bf16=use_bf16(pick_device(), cfg.train.precision))
-        rewards = score([r.given for r in rows], outputs, [r.reference for r in rows])
+        rewards = score(reward_prompts(rows, reward), outputs, [r.reference for r in rows])
         metrics = {reward.metric: sum(rewards) / max(1, len(rewards))}
         if labels and all(r.label is not None for r in rows) and reward.spec != "label_match":
             metrics["accuracy"] = sum(match_label(o, labels) == r.label for o, r in zip(outputs, rows)) / len(rows)

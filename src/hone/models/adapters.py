@@ -26,6 +26,9 @@ from hone.models.load import ModelError
 
 ADAPTERS = ("lora", "dora", "ia3", "qlora", "prefix", "prompt")
 PROMPT_LEARNING = ("prefix", "prompt")
+# Objectives whose loss runs through peft's forward or `virtual_token_hidden_states` (via sft.hidden_states),
+# so virtual tokens take part. The others call the decoder directly and would train nothing.
+PROMPT_LEARNING_OBJECTIVES = ("sft", "cpt", "distill", "rlhf")
 MIN_BITSANDBYTES = (0, 45)
 QLORA_HINT = ("Install it with `pip install 'hone[qlora]'` (bitsandbytes>=0.45: CUDA GPUs, and CPUs from "
               "0.46 on), or train plain `lora` (the same adapter over the unquantised base; it needs more "
@@ -41,6 +44,11 @@ class AdapterError(ModelError):
 
 def check_supported(cfg) -> None:
     """Raise AdapterError if the chosen weights cannot be trained with this config on this machine."""
+    if cfg.weights in PROMPT_LEARNING and cfg.objective not in PROMPT_LEARNING_OBJECTIVES:
+        raise AdapterError(
+            f"adapter '{cfg.weights}' does not work with method '{cfg.method}' yet: its loss reads the network "
+            "directly, so the virtual tokens would take no part and nothing would train. Use it with "
+            f"{', '.join(PROMPT_LEARNING_OBJECTIVES)}, or pick lora, dora, ia3 or qlora.")
     if cfg.weights != "qlora":
         return
     from hone.train.device import pick_device
@@ -266,8 +274,8 @@ def count_params(model) -> tuple[int, int]:
 # --- the loss path for prompt-learning adapters ------------------------------------------------------------
 
 
-def virtual_token_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                                needed: torch.Tensor) -> torch.Tensor:
+def virtual_token_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                                needed: torch.Tensor | None = None) -> torch.Tensor:
     """The decoder's last hidden state at each position of packed rows, computed through peft's forward so
     the virtual tokens take part; shape (rows, row_len, hidden) like a direct decoder call.
 
@@ -277,11 +285,16 @@ def virtual_token_hidden_states(model, input_ids: torch.Tensor, position_ids: to
     mask that restarting position_ids give. So each example (a segment whose positions restart at 0) becomes
     its own right-padded row, exactly as it would stand alone at generation time: virtual tokens first, then
     the text at positions num_virtual_tokens onward. Segments with no `needed` position (the padding tail of
-    a row) are skipped and their hidden states left at zero.
+    a row) are skipped and their hidden states left at zero. Without position_ids each row is one example
+    (right-padded rows need no mask: causal attention never looks at the pads after a token).
     """
     from hone.methods.sft import unwrap
 
     rows, row_len = input_ids.shape
+    if position_ids is None:
+        position_ids = torch.arange(row_len, device=input_ids.device).expand(rows, row_len)
+    if needed is None:
+        needed = torch.ones_like(input_ids, dtype=torch.bool)
     spans = [(r, s, e) for r in range(rows) for s, e in segment_bounds(position_ids[r]) if needed[r, s:e].any()]
     if not spans:
         return torch.zeros(rows, row_len, unwrap(model).config.hidden_size, device=input_ids.device)
