@@ -39,6 +39,8 @@ def _train(cfg, resume: bool) -> None:
 
 
 def _print_summary(run_dir: Path, summary: dict) -> None:
+    from hone.eval.report import metric_table, verdict
+
     t = summary["training"]
     out.print(f"trained {t['steps']} steps in {t['seconds']:.0f}s ({t['tokens_per_second']:,.0f} tokens/s, "
               f"{t['device']}, {t['precision']})")
@@ -48,10 +50,11 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
         table.add_column("metric")
         table.add_column("base", justify="right")
         table.add_column("tuned", justify="right")
-        for k, v in ev["tuned"].items():
-            if k in ("accuracy", "macro_f1", "exact_match", "token_f1"):
-                table.add_row(k, f"{ev['base'][k]:.1%}", f"{v:.1%}")
+        for row in metric_table(ev):
+            if "seconds" not in row["key"]:
+                table.add_row(row["metric"], row["base"], row["tuned"])
         out.print(table)
+        out.print(verdict({"eval": ev}))
     out.print(f"report: [bold]{run_dir / 'report.html'}[/bold] (and report.md)")
 
 
