@@ -217,6 +217,8 @@ def test_reference_is_base_with_adapter_disabled_and_cache_equals_live(pref_conf
 
     pref_config["preference"]["precompute_reference"] = True
     _, task2, _, model2 = _task_and_model(pref_config, tmp_path / "cached")
+    base_eval = task2.evaluate(model2)  # the starting model: its held-out log-probs are reused as reference
+    assert task2.loss_sum.reference.seen is not None and base_eval["metrics"]["implicit_reward_margin"] == 0.0
     with torch.no_grad():
         for name, p in model2.named_parameters():
             if "lora_B" in name:
@@ -224,7 +226,10 @@ def test_reference_is_base_with_adapter_disabled_and_cache_equals_live(pref_conf
     task2.before_training(model2)
     cache = task2.loss_sum.reference.cache
     assert cache.shape == (60, 2)  # every train and held-out pair
-    torch.testing.assert_close(cache[batch.pair_index], live, atol=1e-5, rtol=1e-5)
+    for b in [batch, *task.held_out]:  # computed up front (train) or taken from the base evaluation (held-out)
+        torch.testing.assert_close(cache[b.pair_index], reference.logps(model, b), atol=1e-5, rtol=1e-5)
+    tuned_eval = task2.evaluate(model2)
+    assert tuned_eval["metrics"]["implicit_reward_margin"] != 0.0
     saved = load_file(str(tmp_path / "cached" / REFERENCE_FILE))
     torch.testing.assert_close(saved["chosen"], cache[:, 0])
 

@@ -263,8 +263,9 @@ def load_encoder(path: str | Path) -> Encoder:
     source = encoder_source(str(path))
     model, tok = _load_dir(source)
     max_len = 256
-    if (source / "sentence_bert_config.json").is_file():
-        max_len = json.loads((source / "sentence_bert_config.json").read_text()).get("max_seq_length", max_len)
+    for name, key in (("sentence_bert_config.json", "max_seq_length"), (NOTE_FILE, "max_seq_len")):
+        if (source / name).is_file():
+            max_len = json.loads((source / name).read_text()).get(key, max_len)
     return Encoder(model, tok, read_pooling(source) or "mean", int(max_len))
 
 

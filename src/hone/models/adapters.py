@@ -30,9 +30,9 @@ PROMPT_LEARNING = ("prefix", "prompt")
 # so virtual tokens take part. The others call the decoder directly and would train nothing.
 PROMPT_LEARNING_OBJECTIVES = ("sft", "cpt", "distill", "rlhf")
 MIN_BITSANDBYTES = (0, 45)
-QLORA_HINT = ("Install it with `pip install 'hone[qlora]'` (bitsandbytes>=0.45: CUDA GPUs, and CPUs from "
-              "0.46 on), or train plain `lora` (the same adapter over the unquantised base; it needs more "
-              "memory for the base weights).")
+QLORA_HINT = ("Install it with `pip install 'hone[qlora]'` (bitsandbytes>=0.45 runs on CUDA GPUs; recent "
+              "releases on CPUs too), or train plain `lora` (the same adapter over the unquantised base; it "
+              "needs more memory for the base weights).")
 
 
 class AdapterError(ModelError):
@@ -68,7 +68,7 @@ def bitsandbytes_problem(device: torch.device) -> str | None:
     """Why 4-bit NF4 training cannot run on `device`, or None when it can.
 
     A 4-bit layer's forward and backward are tried on the device: bitsandbytes' device support changes from
-    release to release (CPU support came in 0.46), so trying is the only honest check. It takes milliseconds.
+    release to release (CPUs came late), so trying is the only honest check. It takes milliseconds.
     """
     try:
         import bitsandbytes as bnb
