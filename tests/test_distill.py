@@ -17,6 +17,7 @@ import torch
 from hone.config import ConfigError, parse_config
 from hone.methods import distill
 from hone.models.shrink import LayerSpecError, layer_indices, shrink_model
+from hone.train.prepare import DataProblems
 from hone.train.run import run_training
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -230,10 +231,10 @@ def test_tokenizer_match():
 
 
 def test_config_errors_before_any_model_loads(tmp_path, tiny_model_dir, toy):
-    def error(**distill_section) -> str:
-        method = distill_section.pop("method", "distill")
-        cfg = run_config(tiny_model_dir, *toy, tmp_path / "runs", method=method, distill=distill_section)
-        with pytest.raises(ConfigError) as e:
+    def error(adapter=None, train=toy[0], **distill_section) -> str:
+        cfg = run_config(tiny_model_dir, train, toy[1], tmp_path / "runs", method="distill", adapter=adapter,
+                         distill=distill_section)
+        with pytest.raises((ConfigError, DataProblems)) as e:
             run(cfg)
         assert not (tmp_path / "runs").exists()  # stopped before the run directory (and any model)
         return str(e.value)
@@ -246,11 +247,12 @@ def test_config_errors_before_any_model_loads(tmp_path, tiny_model_dir, toy):
     assert "without final/" in error(teacher=str(unfinished))
     (tmp_path / "notes.txt").write_text("x")
     assert "not a .gguf" in error(teacher=str(tmp_path / "notes.txt"))
-    assert "student_layers" in error(teacher=str(tiny_model_dir), student_layers="every-third")
-    cfg = run_config(tiny_model_dir, *toy, tmp_path / "runs", method="distill", adapter="prefix",
-                     distill={"teacher": str(tiny_model_dir), "student_layers": "first:1"})
-    with pytest.raises(ConfigError, match="adapter 'prefix'"):
-        run(cfg)
+    assert "distill.student_layers: layers 'every-third'" in error(teacher=str(tiny_model_dir),
+                                                                   student_layers="every-third")
+    assert "adapter 'prefix'" in error(adapter="prefix", teacher=str(tiny_model_dir), student_layers="first:1")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(toy[0].read_text() + '{"question": "no answer field"}\n')
+    assert f"{bad}:91" in error(train=bad, teacher=str(tiny_model_dir))
 
 
 def test_logits_mode_refuses_a_teacher_with_another_tokenizer(tiny_model_dir, toy, tmp_path):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from hone.methods import RowError, text_field
+from hone.methods import RowError
 from hone.records import ROLES, Message
 
 NEEDS = ("'prompt', 'chosen' and 'rejected' (text or chat messages), or 'chosen' and 'rejected' as full "
