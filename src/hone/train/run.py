@@ -220,9 +220,9 @@ def _run(cfg: RunConfig, module, run_dir: Path, data, log: RunLog, show_progress
     base_eval = run_eval_once(run_dir, "base", task, model, cfg)
     model = apply_weights(model, cfg, getattr(module, "PEFT_TASK", "CAUSAL_LM"),
                           getattr(module, "MODULES_TO_SAVE", None))
-    trainable, total = count_params(model)
     if task.before_training:
         task.before_training(model)
+    trainable, total = count_params(model)  # after before_training: it may unfreeze (cpt's embeddings)
     result = train_loop(model, task, cfg, run_dir, log, resume_from=latest_checkpoint(run_dir),
                         show_progress=show_progress)
     final = save_final(model, tokenizer, cfg, run_dir, module)
