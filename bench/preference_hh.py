@@ -6,7 +6,7 @@ often the model gives the chosen (less harmful) answer a higher log-probability 
 over answer tokens, and per token), the mean log-prob margin, and for dpo the implicit reward vs the
 reference. Everything is measured by `hone train` itself (eval_base.json / eval_tuned.json of each run).
 
-    .venv/bin/python bench/preference_hh.py                         # dpo, 300 train pairs, 1 epoch
+    .venv/bin/python bench/preference_hh.py                         # dpo, 96 train / 100 held-out, 1 epoch
     .venv/bin/python bench/preference_hh.py --methods dpo,simpo --train 200 --out /tmp/dpo/hh
     .venv/bin/python bench/preference_hh.py --model /tmp/tiny --train 20 --held 20   # smoke test
 
@@ -123,16 +123,16 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=HH_PAIRS)
     ap.add_argument("--methods", default="dpo", help="comma-separated: dpo, simpo, orpo")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--train", type=int, default=300, help="train pairs (the first n of the seeded candidates)")
-    ap.add_argument("--held", type=int, default=HELD_OUT, help="held-out pairs scored before and after")
+    ap.add_argument("--train", type=int, default=96, help="train pairs (the first n of the seeded candidates)")
+    ap.add_argument("--held", type=int, default=100, help="held-out pairs scored before and after")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--max-seq-len", type=int, default=384)
-    ap.add_argument("--max-prompt-tokens", type=int, default=256)
-    ap.add_argument("--batch-tokens", type=int, default=3072)
-    ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--max-seq-len", type=int, default=320)
+    ap.add_argument("--max-prompt-tokens", type=int, default=192)
+    ap.add_argument("--batch-tokens", type=int, default=1024)
+    ap.add_argument("--grad-accum", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/dpo/hh"))
     ap.add_argument("--resume", action="store_true", help="continue runs already in --out")

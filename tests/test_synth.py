@@ -215,7 +215,8 @@ def test_synth_stage_with_endpoint_teacher(server, tmp_path):
                     + json.dumps({"text": "The backup runs every night at 2 a.m. on plugged-in laptops."}) + "\n"
                     + json.dumps({"label": "no text"}) + "\n" + "{broken\n")
     out = tmp_path / "qa.jsonl"
-    report = synth([docs], out, _opts(s.url, chunk_chars=600))
+    # One request at a time: the test server answers in arrival order, so concurrency would shuffle answers.
+    report = synth([docs], out, _opts(s.url, chunk_chars=600, batch_size=1))
     # doc 1: 3 candidates (1 kept, 1 unsupported, 1 duplicate); doc 2: unparseable; then 2 bad inputs
     assert report.rejected == {"unsupported_answer": 1, "duplicate_question": 1, "unparseable_output": 1,
                                "not_a_document": 1, "invalid_json": 1}
