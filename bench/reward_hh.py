@@ -1,7 +1,7 @@
 """A reward model on Anthropic hh-rlhf (harmless) pairs: held-out pairwise accuracy before and after.
 
-    flock /tmp/hone-heavy.lock nice -n 19 .venv/bin/python bench/reward_hh.py [--train 320] [--epochs 1]
-        [--adapter lora] [--lr 2e-4] [--out /tmp/reward/hh]
+    flock /tmp/hone-heavy.lock nice -n 19 .venv/bin/python bench/reward_hh.py [--train 160] [--epochs 1]
+        [--adapter lora] [--lr 1e-3] [--out /tmp/reward/hh]
 
 Trains `method: reward` on the embedded model (SmolLM2-135M-Instruct) over a subsample of the train side of
 `hh_split` (bench/preference_hh.py, the split the dpo bench uses too) and scores the 200 held-out pairs
@@ -64,13 +64,13 @@ def interval(p: float, n: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", type=int, default=320, help="train pairs (the first n of hh_split's train side)")
+    ap.add_argument("--train", type=int, default=160, help="train pairs (the first n of hh_split's train side)")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--adapter", default="lora", help="lora or full")
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per micro-batch")
-    ap.add_argument("--max-seq-len", type=int, default=320)
-    ap.add_argument("--max-prompt-tokens", type=int, default=192)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per micro-batch (~7 GB here)")
+    ap.add_argument("--max-seq-len", type=int, default=256)
+    ap.add_argument("--max-prompt-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("/tmp/reward/hh"))

@@ -192,6 +192,25 @@ def test_prompt_init_text_sets_the_virtual_tokens(tiny_model_dir):
         parse_config({"data": {"train": "x.jsonl"}, "virtual_tokens": {"init_text": ""}})
 
 
+def test_prefix_from_text_acts_as_that_text_before_the_input(tiny_model_dir):
+    """At step 0 a prefix started from init_text gives the logits the base model gives with the text
+    written in front of the input: keys and values land in peft's layout, at the right positions."""
+    from hone.models.adapters import apply_weights
+    from hone.models.load import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    text = loaded.tokenizer("billing or login", add_special_tokens=False)["input_ids"]
+    cfg = parse_config({"method": "prefix", "model": {"base": str(tiny_model_dir)}, "data": {"train": "x.jsonl"},
+                        "virtual_tokens": {"num_virtual_tokens": len(text), "init_text": "billing or login"}})
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        with_text = loaded.model(input_ids=torch.cat([torch.tensor([text]), ids], dim=1)).logits[:, len(text):]
+        model = apply_weights(loaded.model, cfg)
+        torch.testing.assert_close(model(input_ids=ids).logits, with_text, rtol=1e-5, atol=1e-5)
+        with model.disable_adapter():
+            assert (model(input_ids=ids).logits - with_text).abs().max() > 1e-2
+
+
 # ---- training: own parameters move, frozen ones stay, the loss drops -----------------------------------------
 
 

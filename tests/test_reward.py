@@ -46,8 +46,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture
 def reward_config(tiny_model_dir, tmp_path) -> dict:
-    train = write_jsonl(tmp_path / "train.jsonl", keyword_pairs(96, 1))
-    held = write_jsonl(tmp_path / "held.jsonl", keyword_pairs(40, 2))
+    train = write_jsonl(tmp_path / "pairs-train.jsonl", keyword_pairs(96, 1))
+    held = write_jsonl(tmp_path / "pairs-held.jsonl", keyword_pairs(40, 2))
     return {"output_dir": str(tmp_path / "runs"), "method": "reward", "model": {"base": str(tiny_model_dir)},
             "data": {"train": str(train), "validation": str(held), "max_seq_len": 64},
             "train": {"max_steps": 30, "learning_rate": 3e-3, "batch_tokens": 1024, "log_every": 5,
@@ -172,9 +172,10 @@ def test_wrong_shaped_data_is_refused_before_the_model_loads(reward_config, tmp_
     assert "needs 'prompt', 'chosen' and 'rejected'" in message
 
 
-def test_virtual_token_adapters_are_refused(reward_config):
-    reward_config["adapter"] = "prefix"
-    with pytest.raises(ConfigError, match="prefix"):
+@pytest.mark.parametrize("adapter", ["prefix", "qlora"])
+def test_unsupported_adapters_are_refused(reward_config, adapter):
+    reward_config["adapter"] = adapter
+    with pytest.raises(ConfigError, match=f"not '{adapter}'"):
         run(reward_config)
 
 
@@ -236,6 +237,17 @@ def test_full_weights_round_trip_and_plain_transformers_agree(reward_config, one
     assert logits.tolist() == pytest.approx(scores, abs=1e-5)
 
 
+@pytest.mark.parametrize("adapter", ["dora", "ia3"])
+def test_other_adapters_train_and_save_the_head(reward_config, adapter, one_torch_thread):
+    reward_config["adapter"] = adapter
+    reward_config["train"].update(max_steps=2)
+    reward_config["eval"]["enabled"] = False
+    out = run(reward_config)
+    saved = load_file(str(out.run_dir / "final" / "adapter_model.safetensors"))
+    assert any("score" in k for k in saved) and len(saved) > 1
+    assert len(load_scorer(out.run_dir).score(["hello team"], ["thanks"])) == 1
+
+
 def test_resume_reaches_the_same_weights(reward_config, tmp_path, one_torch_thread):
     reward_config["train"].update(max_steps=8, save_every=2, eval_every=8)
     reward_config["name"] = "rm"
@@ -254,11 +266,16 @@ def test_resume_reaches_the_same_weights(reward_config, tmp_path, one_torch_thre
         assert torch.equal(got[k], expected[k]), k
 
 
-def test_load_scorer_refuses_other_runs(tiny_config, tmp_path):
+def test_sft_run_as_base_and_load_scorer_refusals(tiny_config, reward_config, tmp_path, one_torch_thread):
     from hone.models.load import ModelError
 
     with pytest.raises(ModelError, match="config.yaml"):
         load_scorer(tmp_path)
-    out = run(tiny_config)  # an SFT run
+    sft = run(tiny_config).run_dir  # an SFT (LoRA) run
     with pytest.raises(ModelError, match="not a reward model"):
-        load_scorer(out.run_dir)
+        load_scorer(sft)
+    # The usual RLHF recipe: the reward model starts from the SFT model (its LoRA merged into the base).
+    reward_config["model"]["base"] = str(sft)
+    reward_config["train"].update(max_steps=2)
+    out = run(reward_config)
+    assert len(load_scorer(out.run_dir).score(["hello team"], ["thanks"])) == 1

@@ -109,11 +109,13 @@ class VirtualTokensConfig(Section):
         "prefix / prompt tuning: learnt virtual tokens (prefix: per layer, as keys and values; prompt: "
         "prepended to the input embeddings)."))
     init_text: str | None = Field(None, min_length=1, description=(
-        "prompt tuning: initialise the virtual tokens from this text's token embeddings, repeated to fill "
-        "them (e.g. a description of the task). Null: embeddings of randomly sampled vocabulary tokens."))
+        "Start the virtual tokens from this text's tokens, repeated to fill them (e.g. a description of the "
+        "task): prompt tuning takes their embeddings, prefix tuning the keys and values the model computes "
+        "for them. Null: randomly sampled vocabulary tokens."))
     prefix_projection: bool = Field(False, description=(
         "prefix tuning: learn the prefix through a two-layer MLP (the prefix-tuning paper's reparametrisation, "
-        "steadier but with many more trainable parameters) instead of directly."))
+        "with many more trainable parameters; it starts from random values, not from init_text) instead of "
+        "directly."))
     prefix_projection_size: int = Field(512, ge=1, description="prefix tuning: hidden size of that MLP.")
 
 

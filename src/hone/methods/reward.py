@@ -36,7 +36,8 @@ from hone.records import Message
 # peft's SEQ_CLS task adds "score" (and "classifier") to modules_to_save: the fresh head trains in full and
 # is saved beside the adapter.
 PEFT_TASK = "SEQ_CLS"
-SUPPORTED_WEIGHTS = ("lora", "dora", "ia3", "qlora", "full")
+# qlora is left out until the base can be loaded in 4 bits here (load() builds the model itself).
+SUPPORTED_WEIGHTS = ("lora", "dora", "ia3", "full")
 # Pairs whose sequences are sorted by length together, so a batch pads little (then batches are shuffled).
 SORT_WINDOW = 64
 # Held-out pairs the loop's validation loss runs on (every eval_every steps); the report uses them all.
@@ -197,10 +198,12 @@ def score_model_from(causal) -> torch.nn.Module:
     setattr(model, prefix, getattr(causal, causal.base_model_prefix))
     if not isinstance(getattr(model, "score", None), torch.nn.Linear):
         raise AttributeError(f"{type(model).__name__} names its head differently from 'score'")
-    hidden = model.score.in_features
+    shell = model.score
     dtype = next(getattr(model, prefix).parameters()).dtype
-    model.score = torch.nn.Linear(hidden, 1, bias=False, dtype=dtype)
+    model.score = torch.nn.Linear(shell.in_features, 1, bias=shell.bias is not None, dtype=dtype)
     torch.nn.init.normal_(model.score.weight, std=getattr(config, "initializer_range", 0.02))
+    if model.score.bias is not None:
+        torch.nn.init.zeros_(model.score.bias)
     config.architectures = [type(model).__name__]
     return model
 
@@ -316,8 +319,10 @@ def validate(cfg):
     from hone.config import ConfigError
 
     if cfg.weights not in SUPPORTED_WEIGHTS:
-        raise ConfigError(f"method 'reward' trains with adapter {' / '.join(SUPPORTED_WEIGHTS)}; "
-                          f"'{cfg.weights}' adds virtual tokens the score head would not see")
+        why = ("its virtual tokens sit outside the prompt and answer passes the score is read from"
+               if cfg.weights in ("prefix", "prompt") else "a 4-bit base is not built for the reward head yet")
+        raise ConfigError(f"method 'reward' trains with adapter {' / '.join(SUPPORTED_WEIGHTS)}, not "
+                          f"'{cfg.weights}': {why}")
     return validate_method_data(cfg, parse_pair, NEEDS, key=Pair.key)
 
 
