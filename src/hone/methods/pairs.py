@@ -79,7 +79,7 @@ def _prompt_messages(value) -> list[Message]:
         if not value.strip():
             raise RowError("empty_content", "'prompt' is empty")
         return _hh_messages(value) if _HH_TURN.search(value) else [Message("user", value)]
-    return _messages(value, "prompt")
+    return chat_messages(value, "prompt")
 
 
 def _answer(value, key: str, whole_conversation: bool = False) -> tuple[list[Message], str]:
@@ -94,7 +94,7 @@ def _answer(value, key: str, whole_conversation: bool = False) -> tuple[list[Mes
                 raise RowError("empty_content", f"'{key}' is empty")
             return [], value
     else:
-        messages = _messages(value, key)
+        messages = chat_messages(value, key)
     if messages[-1].role != "assistant":
         raise RowError("no_assistant_turn", f"'{key}' must end with an assistant message "
                                             f"(it ends with {messages[-1].role})")
@@ -112,7 +112,8 @@ def _strip_prefix(prefix: list[Message], prompt: list[Message], key: str) -> lis
     raise RowError("prompt_mismatch", f"'{key}' is a conversation that does not start with 'prompt'")
 
 
-def _messages(value, key: str) -> list[Message]:
+def chat_messages(value, key: str) -> list[Message]:
+    """A non-empty list of {role, content} objects -> messages, or RowError naming the bad item."""
     if not isinstance(value, list) or not value:
         raise RowError("bad_type", f"'{key}' must be text or a non-empty list of {{role, content}} messages")
     out = []

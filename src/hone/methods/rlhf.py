@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from hone.methods import MethodData, RowError, Task, chunks, text_field, validate_method_data
 from hone.methods.rewards import Reward, load_scorer, resolve_reward
-from hone.records import ROLES, Message
+from hone.methods.pairs import chat_messages
+from hone.records import Message
 
 NEEDS = ("'prompt' (text or chat messages) or 'messages' (ending in a user turn, or in the reference answer), "
          "or 'text' + 'label'; plus 'reference' (or 'answer' / 'completion') when the reward compares with one")
@@ -103,19 +104,6 @@ def parse_prompt_row(row: dict, needs_reference: bool = False) -> PromptRow:
         raise RowError("missing_field", "no reference to score completions against: the reward compares each "
                                         "completion with the row's 'reference' (or 'answer' / 'completion')")
     return PromptRow(tuple(messages), given, reference, label, shape)
-
-
-def chat_messages(value, key: str) -> list[Message]:
-    if not isinstance(value, list) or not value:
-        raise RowError("bad_type", f"'{key}' must be text or a non-empty list of {{role, content}} messages")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise RowError("bad_type", f"{key}[{i}] must be an object with string 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise RowError("unknown_role", f"{key}[{i}].role is '{m['role']}'; allowed: {', '.join(ROLES)}")
-        out.append(Message(m["role"], m["content"]))
-    return out
 
 
 def _as_dicts(messages: list[Message]) -> list[dict]:
