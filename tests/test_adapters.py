@@ -430,3 +430,37 @@ def test_lora_keeps_the_direct_decoder_path(tiny_config, tmp_path, monkeypatch):
     assert not is_prompt_learning(model)
     monkeypatch.setattr(sft, "virtual_token_hidden_states", lambda *a: pytest.fail("slow path taken"))
     assert held_out_loss(model, task) > 0
+
+
+def test_prompt_tuning_generates_without_left_padding():
+    """peft's prompt tuning shifts positions through left padding: its prompts are batched by equal length."""
+    from hone.eval.runners import prompt_batches
+
+    lengths = [5, 3, 5, 3, 7, 5]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    assert prompt_batches(order, lengths, 2, equal_lengths=True) == [[1, 3], [0, 2], [5], [4]]
+    assert prompt_batches(order, lengths, 4, equal_lengths=False) == [[1, 3, 0, 2], [5, 4]]
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_only_prompt_tuning_is_shifted_by_left_padding(tiny_model_dir, method):
+    """Why the evaluator batches prompt-tuned prompts by equal length: with left padding, peft's prompt tuning
+    scores a prompt differently than alone (prefix tuning does not), and the evaluator knows which is which."""
+    from hone.data.template import render_prompt
+    from hone.eval.runners import _padding_shifts_positions
+    from hone.records import Message
+
+    model, tok = prompt_model(tiny_model_dir, method)
+    prompt = render_prompt(tok, [Message("user", "where is my package?")])
+
+    def first_scores(ids, mask):
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
+                                  output_scores=True, return_dict_in_generate=True,
+                                  pad_token_id=tok.pad_token_id).scores[0][-1]
+
+    alone = first_scores(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long))
+    padded_ids = torch.tensor([[tok.pad_token_id] * 3 + prompt])
+    padded = first_scores(padded_ids, torch.tensor([[0] * 3 + [1] * len(prompt)]))
+    shifted = not torch.allclose(alone, padded, rtol=1e-4, atol=1e-4)
+    assert shifted == (method == "prompt") == _padding_shifts_positions(model)

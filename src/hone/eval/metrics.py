@@ -6,7 +6,12 @@ compared with theirs:
 
 - ``exact_match`` / ``token_f1``: the official SQuAD v1.1 evaluation script (normalise, then compare tokens).
 - ``classification_metrics``: scikit-learn's ``precision_recall_fscore_support`` / ``f1_score(average="macro")``
-  with ``zero_division=0``, averaging over the labels that occur in gold or predictions.
+  with ``zero_division=0``, averaging over the labels that occur in gold or predictions; micro averages pool
+  the counts of every class, with answers that name no label counted as predictions of no class.
+- ``bleu`` / ``chrf``: sacrebleu's corpus scores (0..100), as its command line prints them.
+- ``rouge``: Google's rouge-score package (F-measure, Porter stemmer), averaged over examples (0..1).
+- ``expected_calibration_error`` / ``brier_score``: equal-width confidence bins (Guo et al. 2017) and the
+  multi-class Brier score (sum over classes of squared error, averaged over examples; 0..2).
 
 Every function here is deterministic and cheap; tests compare them to hand-computed cases and to an
 independent re-implementation.
@@ -111,6 +116,17 @@ def _ordered_classes(preds: list[str | None], golds: list[str], labels: list[str
     return classes
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def accuracy(preds: list, golds: list) -> float:
+    """Share of predictions equal to their gold value (None, no answer, is never equal)."""
+    if len(preds) != len(golds):
+        raise ValueError(f"accuracy: {len(preds)} predictions but {len(golds)} gold values")
+    return _mean([float(p is not None and p == g) for p, g in zip(preds, golds)])
+
+
 def _prf(tp: int, n_pred: int, n_gold: int) -> tuple[float, float, float]:
     """Precision, recall, F1 with sklearn's zero_division=0 (an undefined ratio counts as 0)."""
     precision = tp / n_pred if n_pred else 0.0
@@ -127,6 +143,9 @@ def classification_metrics(preds: list[str | None], golds: list[str], labels: li
     column "(invalid)", but "(invalid)" is not a class, so it does not enter the macro average.
     ``macro_f1`` averages F1 over the classes that occur in gold or predictions, as sklearn does when no
     label list is passed; ``per_class`` lists every label given, plus any stray values seen.
+    ``macro_precision`` / ``macro_recall`` average the same way. Micro averages pool every class's counts:
+    precision = hits / answers that named a label, recall = hits / examples (so micro-F1 equals accuracy
+    when no answer is invalid, as in sklearn's single-label case).
     ``confusion`` is sparse: {gold: {pred or "(invalid)": count}} with non-zero counts only.
     """
     if len(preds) != len(golds):
@@ -146,9 +165,13 @@ def classification_metrics(preds: list[str | None], golds: list[str], labels: li
         column = INVALID if pred is None else pred
         row[column] = row.get(column, 0) + 1
     n = len(pairs)
+    micro_p, micro_r, micro_f1 = _prf(sum(hits.values()), sum(pred_counts.values()), n)
     return {
         "accuracy": sum(hits.values()) / n if n else 0.0,
-        "macro_f1": sum(per_class[c]["f1"] for c in occurring) / len(occurring) if occurring else 0.0,
+        "macro_f1": _mean([per_class[c]["f1"] for c in occurring]),
+        "macro_precision": _mean([per_class[c]["precision"] for c in occurring]),
+        "macro_recall": _mean([per_class[c]["recall"] for c in occurring]),
+        "micro_precision": micro_p, "micro_recall": micro_r, "micro_f1": micro_f1,
         "per_class": per_class,
         "confusion": confusion,
         "invalid": sum(p is None for p in preds),
@@ -174,3 +197,169 @@ def perplexity(mean_loss: float) -> float:
         return math.exp(mean_loss)
     except OverflowError:
         return math.inf
+
+
+# --- text overlap: BLEU, chrF, ROUGE, JSON fields ----------------------------------------------
+
+
+def _references(refs: list) -> list[list[str]]:
+    """sacrebleu's layout (one list per reference *set*) from one reference or a list of them per example."""
+    per_example = [[r] if isinstance(r, str) else list(r) for r in refs]
+    width = max((len(r) for r in per_example), default=1)
+    # Examples with fewer references repeat their last one: a duplicate reference changes no n-gram count max.
+    return [[r[min(k, len(r) - 1)] for r in per_example] for k in range(width)]
+
+
+def bleu(preds: list[str], refs: list) -> float:
+    """Corpus BLEU (0..100) with sacrebleu's defaults (13a tokenizer, exponential smoothing), the figure
+    `sacrebleu -m bleu` prints. ``refs``: one reference string per example, or a list of references each."""
+    import sacrebleu
+
+    if len(preds) != len(refs):
+        raise ValueError(f"bleu: {len(preds)} predictions but {len(refs)} references")
+    return float(sacrebleu.corpus_bleu(preds, _references(refs)).score) if preds else 0.0
+
+
+def chrf(preds: list[str], refs: list) -> float:
+    """Corpus chrF (0..100; character 6-grams, beta 2), sacrebleu's defaults, as `sacrebleu -m chrf`."""
+    import sacrebleu
+
+    if len(preds) != len(refs):
+        raise ValueError(f"chrf: {len(preds)} predictions but {len(refs)} references")
+    return float(sacrebleu.corpus_chrf(preds, _references(refs)).score) if preds else 0.0
+
+
+def rouge(preds: list[str], refs: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F-measures (0..1) from rouge-score, with its Porter stemmer.
+    rouge-score keeps only ASCII letters and digits, so text in other scripts scores 0."""
+    from rouge_score import rouge_scorer
+
+    if len(preds) != len(refs):
+        raise ValueError(f"rouge: {len(preds)} predictions but {len(refs)} references")
+    kinds = ("rouge1", "rouge2", "rougeL")
+    scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=True)
+    scores = [scorer.score(r, p) for p, r in zip(preds, refs)]  # score(target, prediction)
+    return {k: _mean([s[k].fmeasure for s in scores]) for k in kinds}
+
+
+def parse_json_object(text: str) -> dict | None:
+    """The JSON object in ``text`` (whole, or the outermost {...} inside prose or a code fence), else None."""
+    import json
+
+    for candidate in (text, text[text.find("{"): text.rfind("}") + 1] if "{" in text else ""):
+        try:
+            value = json.loads(candidate)
+        except (ValueError, TypeError):
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def json_fields(obj: dict, prefix: str = "") -> set[tuple[str, str]]:
+    """(dotted key, normalised value) pairs of a JSON object; nested objects are flattened, strings compared
+    case- and whitespace-insensitively, other values (numbers, lists, null) by their canonical JSON."""
+    import json
+
+    pairs = set()
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            pairs |= json_fields(value, name + ".")
+        elif isinstance(value, str):
+            pairs.add((name, " ".join(value.split()).casefold()))
+        else:
+            pairs.add((name, json.dumps(value, sort_keys=True)))
+    return pairs
+
+
+def field_scores(preds: list[str], refs: list[str]) -> dict[str, float] | None:
+    """Micro precision / recall / F1 over key-value pairs when every reference is a JSON object, else None.
+
+    A prediction that is not JSON contributes no pairs (it loses recall, never precision).
+    """
+    ref_objects = [parse_json_object(r) for r in refs]
+    if not refs or any(r is None for r in ref_objects):
+        return None
+    tp = n_pred = n_ref = 0
+    for pred, ref in zip(preds, ref_objects):
+        got, want = json_fields(parse_json_object(pred) or {}), json_fields(ref)
+        tp, n_pred, n_ref = tp + len(got & want), n_pred + len(got), n_ref + len(want)
+    precision, recall, f1 = _prf(tp, n_pred, n_ref)
+    return {"field_precision": precision, "field_recall": recall, "field_f1": f1}
+
+
+# --- calibration -------------------------------------------------------------------------------
+
+
+def expected_calibration_error(confidences: list[float], correct: list[bool], n_bins: int = 10) -> float:
+    """ECE: sum over equal-width confidence bins of (bin share) x |bin accuracy - bin mean confidence|.
+
+    Bin b holds confidences in [b/n, (b+1)/n); a confidence of exactly 1 goes to the last bin. Empty bins
+    add nothing.
+    """
+    if len(confidences) != len(correct):
+        raise ValueError(f"expected_calibration_error: {len(confidences)} confidences but {len(correct)} outcomes")
+    if n_bins < 1:
+        raise ValueError("expected_calibration_error: n_bins must be at least 1")
+    bins: dict[int, list[tuple[float, bool]]] = {}
+    for conf, ok in zip(confidences, correct):
+        b = min(n_bins - 1, max(0, math.floor(conf * n_bins)))
+        bins.setdefault(b, []).append((conf, ok))
+    n = len(confidences)
+    return sum(len(items) / n * abs(_mean([float(ok) for _, ok in items]) - _mean([c for c, _ in items]))
+               for items in bins.values())
+
+
+def brier_score(probs: list[list[float]], gold_index: list[int]) -> float:
+    """Multi-class Brier score: mean over examples of sum_k (p_k - [k is gold])^2 (0 best, 2 worst)."""
+    if len(probs) != len(gold_index):
+        raise ValueError(f"brier_score: {len(probs)} probability rows but {len(gold_index)} gold indices")
+    return _mean([sum((p - (k == g)) ** 2 for k, p in enumerate(row)) for row, g in zip(probs, gold_index)])
+
+
+def calibration_metrics(probs: list[list[float]], gold_index: list[int], n_bins: int = 10) -> dict[str, float]:
+    """ECE and Brier of label probabilities, and ``prob_accuracy``: how often the most probable label is gold."""
+    top = [max(range(len(row)), key=row.__getitem__) for row in probs]
+    correct = [t == g for t, g in zip(top, gold_index)]
+    return {"prob_accuracy": _mean([float(c) for c in correct]),
+            "ece": expected_calibration_error([row[t] for row, t in zip(probs, top)], correct, n_bins),
+            "brier": brier_score(probs, gold_index)}
+
+
+# --- metric sets per task ----------------------------------------------------------------------
+
+LABEL_METRICS = ("accuracy", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "micro_precision",
+                 "micro_recall")
+CALIBRATION_METRICS = ("ece", "brier", "prob_accuracy")
+TEXT_METRICS = ("exact_match", "token_f1", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "field_precision",
+                "field_recall", "field_f1")
+ALL_METRICS = LABEL_METRICS + CALIBRATION_METRICS + TEXT_METRICS
+TASK_METRICS = {
+    "classification": ("accuracy", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "ece", "brier",
+                       "prob_accuracy", "exact_match", "token_f1"),
+    "extraction": ("exact_match", "token_f1", "field_precision", "field_recall", "field_f1"),
+    "generation": ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "token_f1"),
+    "qa": ("exact_match", "token_f1"),
+}
+# eval.task auto keeps the cost of an evaluation as it was: no label scoring pass (ECE, Brier) unless asked for.
+AUTO_METRICS = {"classification": tuple(m for m in TASK_METRICS["classification"] if m not in CALIBRATION_METRICS),
+                "qa": TASK_METRICS["qa"]}
+TASK_PRIMARY = {"classification": "accuracy", "extraction": "field_f1", "generation": "rougeL", "qa": "token_f1"}
+
+
+def text_metrics(preds: list[str], refs: list[str], names) -> dict[str, float]:
+    """The named free-text metrics (of TEXT_METRICS); field_* only when every reference is a JSON object."""
+    names = [n for n in names if n in TEXT_METRICS]
+    out: dict[str, float] = {}
+    if {"exact_match", "token_f1"} & set(names):
+        out.update({k: v for k, v in generation_metrics(preds, refs).items() if k in names})
+    if "bleu" in names:
+        out["bleu"] = bleu(preds, refs)
+    if "chrf" in names:
+        out["chrf"] = chrf(preds, refs)
+    if {"rouge1", "rouge2", "rougeL"} & set(names):
+        out.update({k: v for k, v in rouge(preds, refs).items() if k in names})
+    if any(n.startswith("field_") for n in names):
+        out.update({k: v for k, v in (field_scores(preds, refs) or {}).items() if k in names})
+    return {n: out[n] for n in names if n in out}

@@ -30,14 +30,20 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from hone.eval.analysis import failure_view
 from hone.eval.metrics import INVALID, exact_match, label_key, match_label, token_f1
 
 FRACTION_METRICS = ("accuracy", "macro_f1", "exact_match", "token_f1", "precision", "recall", "f1", "mrr",
-                    "agreement")
+                    "agreement", "ece")
 LOWER_IS_BETTER = ("seconds", "perplexity", "invalid", "loss")
+LOWER_IS_BETTER_WORDS = ("ece", "brier")  # whole words of a key only: "ece" is inside unrelated words
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "exact_match": "exact match",
-                "token_f1": "token F1", "seconds": "eval seconds", "invalid": "invalid answers"}
-PLOT_FILES = {"loss_plot": "loss.png", "base_vs_tuned_plot": "base_vs_tuned.png", "confusion_plot": "confusion.png"}
+                "token_f1": "token F1", "seconds": "eval seconds", "invalid": "invalid answers",
+                "micro_f1": "micro-F1", "ece": "ECE (calibration error)", "brier": "Brier score",
+                "prob_accuracy": "accuracy from label scores", "bleu": "BLEU", "chrf": "chrF", "rouge1": "ROUGE-1",
+                "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
+PLOT_FILES = {"loss_plot": "loss.png", "method_stats_plot": "method_stats.png", "base_vs_tuned_plot": "base_vs_tuned.png",
+              "confusion_plot": "confusion.png"}
 MAX_EXAMPLES = 50  # the caller picks how many to show; this only bounds the page size
 BASE_COLOR, TUNED_COLOR = "#9aa5b1", "#2b6cb0"
 
@@ -60,7 +66,7 @@ def is_fraction_metric(key: str) -> bool:
 
 
 def lower_is_better(key: str) -> bool:
-    return any(w in key for w in LOWER_IS_BETTER)
+    return any(w in key for w in LOWER_IS_BETTER) or bool(set(key.split("_")) & set(LOWER_IS_BETTER_WORDS))
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -241,8 +247,10 @@ def _rolling_mean(values: list[float], window: int) -> np.ndarray:
     return (total[hi] - total[lo]) / (hi - lo)
 
 
-def plot_loss(series: dict[str, list[tuple[int, float]]], path: Path, best_step=None) -> Path | None:
-    """Training (raw + smoothed when long) and validation loss against step; None when there is no loss."""
+def plot_loss(series: dict[str, list[tuple[int, float]]], path: Path, best_step=None,
+              early_stop: dict | None = None) -> Path | None:
+    """Training (raw + smoothed when long) and validation loss against step; None when there is no loss.
+    With early stopping, the step whose weights were restored and the step it stopped at are marked too."""
     train, val = series.get("train") or [], series.get("validation") or []
     if not train and not val:
         return None
@@ -261,10 +269,57 @@ def plot_loss(series: dict[str, list[tuple[int, float]]], path: Path, best_step=
         ax.plot(steps, losses, "o-", color="#dd6b20", lw=2, ms=4, label="validation")
     if _num(best_step) is not None:
         ax.axvline(best_step, color="#555", ls=":", lw=1, label=f"best step {best_step}")
+    es = early_stop or {}
+    if _num(es.get("restored_step")) is not None and es["restored_step"] != best_step:
+        ax.axvline(es["restored_step"], color="#276749", ls="--", lw=1,
+                   label=f"restored step {es['restored_step']} (the weights in final/)")
+    if _num(es.get("stopped_step")) is not None:
+        ax.axvline(es["stopped_step"], color="#c53030", ls="--", lw=1, label=f"stopped early at {es['stopped_step']}")
     ax.set(xlabel="step", ylabel="loss (nats / target token)", title="Loss")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, even on a 2-step run
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.savefig(path)
+    return path
+
+
+def read_stat_series(path: Path, names: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """{stat: [(step, value)]} from the training rows of metrics.jsonl, for the method's named stats."""
+    series: dict[str, list[tuple[int, float]]] = {n: [] for n in names}
+    if not names or not path.is_file():
+        return series
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(row, dict) or row.get("split") != "train" or _num(row.get("step")) is None:
+            continue
+        for n in names:
+            value = _num(row.get(n))
+            if value is not None and math.isfinite(value):
+                series[n].append((int(row["step"]), value))
+    return series
+
+
+def plot_method_stats(series: dict[str, list[tuple[int, float]]], path: Path) -> Path | None:
+    """One small panel per statistic a method logs while it trains (rlhf: reward and KL; dpo: reward
+    accuracy and margin): what the run did, which its loss alone does not show."""
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    fig = _figure(4 * min(3, len(series)), 3.2 * ((len(series) + 2) // 3))
+    for i, (name, points) in enumerate(series.items(), 1):
+        ax = fig.add_subplot((len(series) + 2) // 3, min(3, len(series)), i)
+        steps, values = zip(*points)
+        smooth = len(points) > 30
+        ax.plot(steps, values, color=TUNED_COLOR, alpha=0.3 if smooth else 1, lw=1, marker="" if smooth else "o",
+                ms=3)
+        if smooth:
+            ax.plot(steps, _rolling_mean(list(values), max(5, len(points) // 25)), color=TUNED_COLOR, lw=2)
+        ax.set(xlabel="step", title=name.replace("_", " "))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
     fig.savefig(path)
     return path
 
@@ -369,6 +424,8 @@ def data_rows(info: dict) -> list[tuple[str, str]]:
     shapes = d.get("shapes") or {}
     if shapes:
         rows.append(("record shapes", ", ".join(f"{k}: {_fmt(v)}" for k, v in shapes.items())))
+    for key, value in (d.get("method_facts") or {}).items():  # what a method wants the reader to know
+        rows.append((str(key).replace("_", " "), value if isinstance(value, str) else _fmt(value)))
     labels = d.get("labels") or []
     if labels:
         shown = ", ".join(map(str, labels[:20])) + (f", … and {len(labels) - 20} more" if len(labels) > 20 else "")
@@ -388,7 +445,12 @@ def _mark(output: str, reference: str, labels: list | None) -> tuple[bool, str]:
 
 
 def example_rows(ev: dict, labels: list | None) -> list[dict]:
-    """A handful of held-out examples, clipped for display, each output marked correct or not."""
+    """A handful of held-out examples, clipped for display, each output marked correct or not.
+
+    A method that judges its own outputs (rlhf's reward, contrastive's retrieval) gives the mark with the
+    example (`<side>_judged`: {"ok", "mark"}); otherwise the output is compared with the reference. Extra
+    answers a method shows beside them (distill's teacher) come as `extra`: [{"side", "text"}], unmarked.
+    """
     labels = labels if ev.get("task") == "label" else None
     rows = []
     for ex in (ev.get("examples") or [])[:MAX_EXAMPLES]:
@@ -396,8 +458,13 @@ def example_rows(ev: dict, labels: list | None) -> list[dict]:
         row = {"prompt": _clip(ex.get("prompt"), 600, 300), "reference": _clip(ref, 300), "outputs": []}
         for side in ("base", "tuned"):
             if ex.get(side) is not None:
-                ok, mark = _mark(str(ex[side]), ref, labels)
+                judged = ex.get(f"{side}_judged")
+                ok, mark = ((bool(judged.get("ok")), str(judged.get("mark", ""))) if isinstance(judged, dict)
+                            else _mark(str(ex[side]), ref, labels))
                 row["outputs"].append({"side": side, "text": _clip(ex[side], 400), "ok": ok, "mark": mark})
+        for extra in ex.get("extra") or []:
+            row["outputs"].append({"side": str(extra.get("side", "")), "text": _clip(extra.get("text"), 400),
+                                   "ok": None, "mark": ""})
         rows.append(row)
     return rows
 
@@ -417,7 +484,145 @@ def build_context(info: dict, plots: dict[str, Path]) -> dict:
         "summary": summary_rows(info), "data": data_rows(info), "eval": evaluation,
         "plots": {k: f"plots/{p.name}" for k, p in plots.items()},
         "config_yaml": str(info.get("config_yaml") or "").rstrip(),
+        "iteration": iteration_context(info),
+        "failures": failure_view((ev or {}).get("analysis")),
     }
+
+
+# --- iteration: overfitting watch, early stopping, forgetting check, evaluation gate --------------
+
+
+def _interval_mean(train: list[tuple[int, float]], lo: int | None, hi: int) -> float | None:
+    """Mean training loss logged in (lo, hi]: the training figure beside a validation point, less noisy
+    than the single nearest log line. Falls back to the last value logged at or before hi."""
+    inside = [v for s, v in train if (lo is None or s > lo) and s <= hi]
+    if inside:
+        return sum(inside) / len(inside)
+    before = [v for s, v in train if s <= hi]
+    return before[-1] if before else None
+
+
+def overfitting_watch(series: dict[str, list[tuple[int, float]]], threshold: float = 0.10) -> dict | None:
+    """Train vs validation loss over steps, the best validation step, and whether the run overfitted:
+    flagged when the last validation loss is more than `threshold` (relative) above the best one while
+    training loss kept falling over the same steps. None without validation points."""
+    train, val = series.get("train") or [], series.get("validation") or []
+    if not val:
+        return None
+    gaps, prev = [], None
+    for step, loss in val:
+        t = _interval_mean(train, prev, step)
+        gaps.append({"step": step, "train": t, "val": loss, "gap": None if t is None else loss - t})
+        prev = step
+    best = min(range(len(gaps)), key=lambda i: (gaps[i]["val"], i))
+    b, f = gaps[best], gaps[-1]
+    rise = (f["val"] - b["val"]) / abs(b["val"]) if b["val"] else 0.0
+    train_fell = b["train"] is not None and f["train"] is not None and f["train"] < b["train"]
+    return {"best_step": b["step"], "best_val_loss": b["val"], "final_step": f["step"], "final_val_loss": f["val"],
+            "rise": rise, "train_at_best": b["train"], "train_at_final": f["train"], "train_fell": train_fell,
+            "threshold": threshold, "flagged": bool(rise > threshold and train_fell), "gaps": gaps}
+
+
+def _pick_rows(rows: list, best_step, keep: int = 12) -> list:
+    """At most `keep` rows spread evenly, always with the first, the best and the last."""
+    if len(rows) <= keep:
+        return rows
+    idx = {round(i * (len(rows) - 1) / (keep - 2)) for i in range(keep - 1)}
+    idx |= {i for i, r in enumerate(rows) if r["step"] == best_step}
+    return [rows[i] for i in sorted(idx)]
+
+
+def overfitting_text(watch: dict) -> tuple[str, str]:
+    """(sentence, tone) about the overfitting watch."""
+    best = f"step {watch['best_step']} ({_fmt(watch['best_val_loss'])})"
+    if watch["flagged"]:
+        return (f"Overfitting: validation loss ended {100 * watch['rise']:.1f}% above its best at {best} "
+                f"while training loss kept falling ({_fmt(watch['train_at_best'])} -> "
+                f"{_fmt(watch['train_at_final'])}).", "bad")
+    if watch["final_step"] == watch["best_step"]:
+        return f"No sign of overfitting: validation loss was lowest at the last evaluation, {best}.", "good"
+    return (f"Validation loss was lowest at {best} and ended {100 * watch['rise']:.1f}% above it (flagged above "
+            f"{100 * watch['threshold']:.0f}% while training loss falls).", "neutral")
+
+
+def early_stop_text(es: dict | None) -> str | None:
+    """One sentence on what early stopping did, or None when it was off."""
+    if not es:
+        return None
+    name = es["metric"] + (f" ({es['watched']})" if es.get("watched") not in (None, es["metric"]) else "")
+    best = (f"the best {name} was {_fmt(es.get('best'))} at step {es['best_step']}"
+            if es.get("best_step") is not None else f"{name} was never measured")
+    restored = (f"; final/ holds the weights of step {es['restored_step']}" if es.get("restored_step") is not None
+                else "; final/ holds the weights of the last step")
+    if es.get("stopped_step") is not None:
+        return (f"Stopped early at step {es['stopped_step']} (no improvement for {es.get('bad_evals')} "
+                f"evaluations, patience {es.get('patience', 'n/a')}): {best}{restored}.")
+    return f"Early stopping was on but did not stop the run: {best}{restored}."
+
+
+def forgetting_text(fg: dict | None) -> tuple[str, str] | None:
+    """(sentence, tone) on general-text perplexity base vs tuned, or None when not measured."""
+    if not fg or _num(fg.get("base_perplexity")) is None or _num(fg.get("tuned_perplexity")) is None:
+        return None
+    change = f"{_fmt(fg['base_perplexity'])} -> {_fmt(fg['tuned_perplexity'])}, {100 * fg['change']:+.1f}%"
+    if fg.get("flagged"):
+        return (f"Forgetting: general-text perplexity rose beyond the {100 * fg['threshold']:.0f}% threshold "
+                f"({change}).", "bad")
+    return f"No forgetting flagged: general-text perplexity {change} (threshold {100 * fg['threshold']:.0f}%).", "good"
+
+
+def iteration_context(info: dict) -> dict:
+    """The gate, early stopping, overfitting and forgetting sections, as plain strings and rows."""
+    t = info.get("training") or {}
+    watch = t.get("overfitting")
+    gate = info.get("gate")
+    ctx = {"gate": None, "early_stop": early_stop_text(t.get("early_stopping")), "overfitting": None,
+           "forgetting": None}
+    if gate:
+        ctx["gate"] = {"passed": bool(gate.get("passed")), "error": gate.get("error"),
+                       "checks": [(c["target"], "n/a" if c.get("value") is None else _fmt(c["value"]),
+                                   "passed" if c.get("passed") else "MISSED") for c in gate.get("checks") or []]}
+    if watch:
+        text, tone = overfitting_text(watch)
+        rows = [(str(g["step"]), _fmt(g["train"]), _fmt(g["val"]), "n/a" if g["gap"] is None else f"{g['gap']:+.4f}")
+                for g in _pick_rows(watch["gaps"], watch["best_step"])]
+        ctx["overfitting"] = {"text": text, "tone": tone, "rows": rows}
+    fg = forgetting_text(info.get("forgetting"))
+    if fg:
+        f = info["forgetting"]
+        ctx["forgetting"] = {"text": fg[0], "tone": fg[1], "file": str(f.get("file", "")),
+                             "tokens": _fmt(f.get("tokens"))}
+    return ctx
+
+
+def iteration_markdown(it: dict) -> list[str]:
+    """report.md lines for the overfitting watch, early stopping and the forgetting check."""
+    out = []
+    if it["overfitting"] or it["early_stop"]:
+        out += ["## Overfitting watch", ""]
+        if it["early_stop"]:
+            out += [f"**Early stopping.** {_md_cell(it['early_stop'])}", ""]
+        if it["overfitting"]:
+            out += [_md_cell(it["overfitting"]["text"]), ""]
+            out += [*_md_table(("step", "train loss", "validation loss", "gap (val − train)"),
+                               it["overfitting"]["rows"]), ""]
+    if it["forgetting"]:
+        fg = it["forgetting"]
+        out += ["## Forgetting check", "", _md_cell(fg["text"]), "",
+                f"General text: {_md_cell(fg['file'])} ({fg['tokens']} tokens).", ""]
+    return out
+
+
+def gate_markdown(it: dict) -> list[str]:
+    """report.md lines for the evaluation gate (shown under the verdict)."""
+    gate = it["gate"]
+    if not gate:
+        return []
+    head = "**Gate: passed.**" if gate["passed"] else "**Gate: FAILED.**"
+    out = [head + (f" {_md_cell(gate['error'])}" if gate["error"] else ""), ""]
+    if gate["checks"]:
+        out += [*_md_table(("target", "value", "result"), gate["checks"]), ""]
+    return out
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -444,10 +649,14 @@ def _md_table(header: tuple, rows: list) -> list[str]:
 def render_markdown(ctx: dict) -> str:
     """report.md: the same sections as the HTML, with plots linked from plots/."""
     out = [f"# hone report: {_md_cell(ctx['name'])}", "", f"**{_md_cell(ctx['verdict'])}**", ""]
+    out += gate_markdown(ctx["iteration"])
     out += ["## Training", "", *_md_table(("item", "value"), ctx["summary"]), ""]
     out += ["## Data", "", *_md_table(("item", "value"), ctx["data"]), ""]
     if "loss_plot" in ctx["plots"]:
         out += ["## Loss curves", "", f"![loss curves]({ctx['plots']['loss_plot']})", ""]
+    out += iteration_markdown(ctx["iteration"])
+    if "method_stats_plot" in ctx["plots"]:
+        out += ["## Method statistics", "", f"![method statistics]({ctx['plots']['method_stats_plot']})", ""]
     ev = ctx["eval"]
     if ev:
         out += [f"## Base vs tuned ({_md_cell(ev['n'])} held-out examples, {_md_cell(ev['task'])} task)", ""]
@@ -457,6 +666,7 @@ def render_markdown(ctx: dict) -> str:
             out += [f"![base vs tuned]({ctx['plots']['base_vs_tuned_plot']})", ""]
         if "confusion_plot" in ctx["plots"]:
             out += ["## Confusion matrix (tuned)", "", f"![confusion matrix]({ctx['plots']['confusion_plot']})", ""]
+        out += failures_markdown(ctx["failures"])
         if ev["examples"]:
             out += ["## Examples", ""]
         for i, ex in enumerate(ev["examples"], 1):
@@ -466,6 +676,38 @@ def render_markdown(ctx: dict) -> str:
     if ctx["config_yaml"]:
         out += ["## Config", "", _md_fence(ctx["config_yaml"], "yaml"), ""]
     return "\n".join(out)
+
+
+def failures_markdown(f: dict | None) -> list[str]:
+    """The "Where it fails" section: hardest labels, score by input length, worst examples."""
+    if not f:
+        return []
+    out = ["## Where it fails (tuned)", ""]
+    if f["by_label"]:
+        out += [f"Hardest labels ({len(f['by_label'])} of {f['labels_total']}, lowest F1 first):", ""]
+        out += [*_md_table(("label", "support", "precision", "recall", "F1", "most often answered instead"),
+                           [tuple(r.values()) for r in f["by_label"]]), ""]
+    if f["by_length"]:
+        out += ["By input length (tokens of the user's message):", ""]
+        out += [*_md_table(("slice", "tokens", "examples", f["score_name"]),
+                           [tuple(r.values()) for r in f["by_length"]]), ""]
+    if f["worst"]:
+        out += [f"Worst examples ({f['worst_order']}):", ""]
+        out += [*_md_table(("input", "expected", "got", "mark"), [tuple(r.values()) for r in f["worst"]]), ""]
+    return out
+
+
+def _with_saved_analysis(info: dict, run_dir: Path) -> dict:
+    """info with the tuned model's error analysis from eval_tuned.json when the caller did not pass it."""
+    ev = info.get("eval")
+    saved = run_dir / "eval_tuned.json"
+    if not ev or ev.get("analysis") is not None or not saved.is_file():
+        return info
+    try:
+        analysis = json.loads(saved.read_text(encoding="utf-8")).get("analysis")
+    except (OSError, ValueError, AttributeError):
+        return info  # a report never fails over an unreadable extra
+    return {**info, "eval": {**ev, "analysis": analysis}}
 
 
 def render_html(ctx: dict, plot_paths: dict[str, Path]) -> str:
@@ -494,13 +736,17 @@ def write_report(run_dir: Path, info: dict) -> dict[str, Path]:
     best = (info.get("training") or {}).get("best_step")
     labels = ev.get("labels") or (info.get("data") or {}).get("labels")
     made = {
-        "loss_plot": plot_loss(read_loss_series(run_dir / "metrics.jsonl"), plot_dir / PLOT_FILES["loss_plot"], best),
+        "loss_plot": plot_loss(read_loss_series(run_dir / "metrics.jsonl"), plot_dir / PLOT_FILES["loss_plot"], best,
+                               (info.get("training") or {}).get("early_stopping")),
+        "method_stats_plot": plot_method_stats(
+            read_stat_series(run_dir / "metrics.jsonl", list((info.get("training") or {}).get("plot_stats") or [])),
+            plot_dir / PLOT_FILES["method_stats_plot"]),
         "base_vs_tuned_plot": plot_base_vs_tuned(ev, plot_dir / PLOT_FILES["base_vs_tuned_plot"]) if ev else None,
         "confusion_plot": plot_confusion(ev.get("tuned_confusion"), labels, plot_dir / PLOT_FILES["confusion_plot"])
         if ev.get("task") == "label" and ev.get("tuned_confusion") else None,
     }
     plots = {k: p for k, p in made.items() if p is not None}
-    ctx = build_context(info, plots)
+    ctx = build_context(_with_saved_analysis(info, run_dir), plots)
     paths = {"md": run_dir / "report.md", "html": run_dir / "report.html"}
     paths["md"].write_text(render_markdown(ctx), encoding="utf-8")
     paths["html"].write_text(render_html(ctx, plots), encoding="utf-8")

@@ -40,9 +40,11 @@ def method_module(objective: str):
 class Task:
     epoch_plan: Callable[[int], list[Any]]  # micro-batch specs of epoch e; depends only on (seed, e)
     collate: Callable[[Any], Any]           # spec -> batch (on CPU)
-    loss_sum: Callable[..., Any]            # (model, batch) -> Tensor | (Tensor, {stat: sum})
+    # (model, batch) -> Tensor | (Tensor, {stat: sum}). It may set batch.real_tokens (the throughput count)
+    # when that is known only as it runs (rlhf's sampled completions); the loop reads it afterwards.
+    loss_sum: Callable[..., Any]
     held_out: list[Any]                     # collated batches for the validation loss (may be empty)
-    tokens_per_epoch: int
+    tokens_per_epoch: int                   # an estimate, for the log line that opens training
     # (model) -> {"task", "n", "metrics", "primary"?, "examples"?: [{prompt, reference, output}]}: run on the
     # starting model and on the tuned one; the report compares them.
     evaluate: Callable[[Any], dict] | None = None
@@ -51,6 +53,10 @@ class Task:
     labels: list[str] = field(default_factory=list)
     # Run once the adapter is applied, before the first step (e.g. DPO caches reference log-probs).
     before_training: Callable[[Any], None] | None = None
+    # The loss is nats per token (SFT, cpt, distill), so exp(loss) is a perplexity worth reporting.
+    token_loss: bool = True
+    # Stats logged on training rows to plot over steps in the report (rlhf: reward, kl).
+    plot_stats: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -133,14 +139,15 @@ def validate_method_data(cfg, parse: Callable[[dict], Any], needs: str,
     if cfg.data.validation:
         held, more = read_method_rows(cfg.data.validation, parse, needs)
         problems += more
+    if problems and not cfg.data.skip_bad_lines:  # the lines to fix come before any split problem
+        raise DataProblems(problems, SKIP_HINT)
+    if cfg.data.validation:
         held_out = cap_records_by([r for _, r in held], cfg.data.max_validation, cfg.train.seed, key or repr)
         train_records, source = [r for _, r in train], cfg.data.validation
     else:
         train_records, held_out = hash_split([r for _, r in train], cfg.data.validation_fraction,
                                              cfg.train.seed, cfg.data.max_validation, key or repr)
         source = f"{cfg.data.validation_fraction:.0%} of {cfg.data.train}"
-    if problems and not cfg.data.skip_bad_lines:
-        raise DataProblems(problems, SKIP_HINT)
     return MethodData(train_records, held_out, problems, source)
 
 

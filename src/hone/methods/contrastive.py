@@ -367,7 +367,7 @@ def build(cfg, data, model, tokenizer, run_dir: Path, log) -> Task:
 
         write_rejects(run_dir / "rejects.jsonl", data.problems)
         log.event("warn", f"{len(data.problems)} bad line(s) skipped; reasons in {run_dir / 'rejects.jsonl'}")
-    warn_about_setup(cfg, log, truncated)
+    warn_about_setup(cfg, log)
     pad_id, size = tokenizer.pad_token_id, min(c.batch_size, len(train))
     train_answers, held_answers = answers_by_query(train), answers_by_query(held_out)
     held_batches = [collate_pairs(held_out[a:b], table, pad_id, held_answers)
@@ -376,17 +376,18 @@ def build(cfg, data, model, tokenizer, run_dir: Path, log) -> Task:
     with_negative = sum(p.negative >= 0 for p in train)
     stats = {"train_examples": len(train), "validation_examples": len(held_out),
              "validation_source": data.held_out_source, "train_tokens": n_tokens, "truncated": truncated,
+             "max_seq_len_key": "contrastive.max_seq_len",
              "rejected": len(data.problems),
              "shapes": {k: v for k, v in (("query/positive", len(train) - with_negative),
                                           ("query/positive/negative", with_negative)) if v}}
     return Task(epoch_plan=lambda epoch: plan_epoch(len(train), size, cfg.train.seed, epoch),
                 collate=lambda spec: collate_pairs([train[i] for i in spec], table, pad_id, train_answers),
                 loss_sum=contrastive_loss(c.pooling, c.temperature), held_out=held_batches,
-                tokens_per_epoch=n_tokens, stats=stats,
+                tokens_per_epoch=n_tokens, stats=stats, token_loss=False,
                 evaluate=retrieval_evaluator(held_out, table, text_of, pad_id, c.pooling, max(size, 16)))
 
 
-def warn_about_setup(cfg, log, truncated: int) -> None:
+def warn_about_setup(cfg, log) -> None:
     """Settings that run but probably do not do what the user expects: say so in events.jsonl."""
     if cfg.train.grad_accum > 1:
         log.event("warn", f"train.grad_accum={cfg.train.grad_accum}: each micro-batch's queries still see only "
@@ -395,8 +396,6 @@ def warn_about_setup(cfg, log, truncated: int) -> None:
     if cfg.weights == "full" and cfg.train.learning_rate > 1e-4:
         log.event("warn", f"train.learning_rate={cfg.train.learning_rate:g} is high for fine-tuning every weight "
                           "of an encoder; 2e-5 is the usual choice")
-    if truncated:
-        log.event("warn", f"{truncated} text(s) truncated to contrastive.max_seq_len={cfg.contrastive.max_seq_len}")
     declared = read_pooling(encoder_source(cfg.model.base))
     if declared and declared != cfg.contrastive.pooling:
         log.event("warn", f"the model declares {declared} pooling but contrastive.pooling is "
@@ -417,7 +416,10 @@ def retrieval_evaluator(held_out: list[KeyPair], table, text_of: list[str], pad_
         scores = (queries @ docs.T).masked_fill(exclude, float("-inf"))
         metrics = retrieval_metrics(scores, torch.tensor(targets))
         top = scores.argmax(-1).tolist()
-        examples = [{"prompt": text_of[p.query], "reference": text_of[p.positive], "output": text_of[corpus[t]]}
+        examples = [{"prompt": text_of[p.query], "reference": text_of[p.positive], "output": text_of[corpus[t]],
+                     "judged": {"ok": corpus[t] == p.positive,
+                                "mark": "✓ retrieved the expected passage" if corpus[t] == p.positive
+                                else "✗ ranked another passage first"}}
                     for p, t in zip(held_out[:MAX_EXAMPLES], top)]
         return {"task": "retrieval", "n": len(held_out), "corpus": len(corpus), "metrics": metrics,
                 "primary": "recall_at_1", "examples": examples}

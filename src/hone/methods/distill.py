@@ -309,7 +309,16 @@ def build(cfg, data, model, tokenizer, run_dir: Path, log) -> Task:
     evaluate = agreement_evaluator(sft.generation_evaluator(cfg, tokenizer, held, prepared.labels),
                                    teacher_held, teacher_scores)
     return sft.packed_task(prepared.train, prepared.held_out, cfg, tokenizer.pad_token_id, loss_sum=loss,
-                           evaluate=evaluate, stats={**prepared.stats, "distill": info}, labels=prepared.labels)
+                           evaluate=evaluate, stats={**prepared.stats, "method_facts": method_facts(info)}, labels=prepared.labels)
+
+
+def method_facts(info: dict) -> dict:
+    """What the report's data table says about this distillation (readable names, counts as numbers)."""
+    facts = {"distillation mode": info["mode"], "teacher": info["teacher"],
+             "teacher parameters": info["teacher_params"], "student parameters": info["student_params"]}
+    if "empty_teacher_answers" in info:
+        facts["empty teacher answers"] = info["empty_teacher_answers"]
+    return facts
 
 
 def n_params(model) -> int:

@@ -312,7 +312,8 @@ def build(cfg, data, model, tokenizer, run_dir: Path, log) -> Task:
                 loss_sum=PreferenceLoss(objective, cfg, reference), held_out=held_batches,
                 tokens_per_epoch=sum(pair_tokens(p) for p in train),
                 evaluate=lambda m: evaluate_pairs(m, held_batches, reference, cfg), stats=stats,
-                before_training=before_training)
+                before_training=before_training, token_loss=False,
+                plot_stats=["reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"])
 
 
 # --- reference preparation -------------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def build(cfg, data, model, tokenizer, run_dir: Path, log) -> Task:
     return Task(epoch_plan=epoch_plan, collate=lambda spec: collate_pairs(train, spec, pad_id),
                 loss_sum=pair_loss_sum,
                 held_out=[collate_pairs(held, spec, pad_id) for spec in pack_pairs(loss_pairs, held, budget)],
-                tokens_per_epoch=stats["train_tokens"],
+                tokens_per_epoch=stats["train_tokens"], token_loss=False,
                 evaluate=pairwise_evaluator(data.held_out, held, held_batches, pad_id, bf16), stats=stats)
 
 

@@ -353,7 +353,8 @@ def build(cfg, data: MethodData, model, tokenizer, run_dir: Path, log) -> Task:
                 # An epoch's tokens: every prompt group_size times, each with at most max_new_tokens more.
                 tokens_per_epoch=group * (prompt_tokens + len(prompt_ids) * cfg.rlhf.max_new_tokens),
                 evaluate=reward_evaluator(cfg, tokenizer, data.held_out, score, reward, data.labels),
-                stats=stats, labels=data.labels, before_training=before_training)
+                stats=stats, labels=data.labels, before_training=before_training, token_loss=False,
+                plot_stats=["reward", "kl", "completion_length", "flat_groups"])
 
 
 def tokenize_prompts(tokenizer, rows: list[PromptRow], room: int) -> tuple[list[list[int]], int]:
@@ -381,7 +382,10 @@ def reward_evaluator(cfg, tokenizer, rows: list[PromptRow], score, reward: Rewar
             metrics["accuracy"] = sum(match_label(o, labels) == r.label for o, r in zip(outputs, rows)) / len(rows)
         seconds = time.perf_counter() - start
         metrics.update(seconds=seconds, seconds_per_example=seconds / max(1, len(rows)))
-        examples = [{"prompt": r.messages[-1].content, "reference": r.reference or "", "output": o, "reward": w}
+        # The report marks each answer by the reward, the run's own judge (exact match against the
+        # reference would disagree with it, e.g. a label reward accepting a paraphrase).
+        examples = [{"prompt": r.messages[-1].content, "reference": r.reference or "", "output": o, "reward": w,
+                     "judged": {"ok": w > 0, "mark": f"{'✓' if w > 0 else '✗'} reward {w:.2f}"}}
                     for r, o, w in zip(rows, outputs, rewards)]
         return {"task": "rlhf", "n": len(rows), "metrics": metrics, "primary": reward.metric,
                 "reward": reward.spec, "examples": examples}

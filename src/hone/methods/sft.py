@@ -72,7 +72,23 @@ def reference_loss_sum(model, batch: MicroBatch) -> torch.Tensor:
 def validate(cfg):
     from hone.train.prepare import validate_data
 
-    return validate_data(cfg.data, cfg.train.seed)
+    data = validate_data(cfg.data, cfg.train.seed)
+    check_eval_task(cfg, data.held_out, data.labels)
+    return data
+
+
+def check_eval_task(cfg, held_out: list, labels: list[str]) -> None:
+    """eval.task: classification needs a label on every held-out record: say so before any model loads."""
+    from hone.config import ConfigError
+
+    if cfg.eval.enabled and cfg.eval.task == "classification":
+        unlabelled = [r for r in held_out if r.label is None]
+        if unlabelled or not labels:
+            first = unlabelled[0] if unlabelled else None
+            where = f" (first: {first.source}:{first.line})" if first is not None and first.line else ""
+            raise ConfigError(f"eval.task: classification needs text+label data, but {len(unlabelled)} of "
+                              f"{len(held_out)} held-out records have no label{where}. Use eval.task: qa, "
+                              "extraction or generation, or auto.")
 
 
 def packed_task(train: list, held_out: list, cfg, pad_id: int, loss_sum=sft_loss_sum, **extra) -> Task:
@@ -109,14 +125,17 @@ def build(cfg, data, model, tokenizer, run_dir: Path, log) -> Task:
 
 
 def generation_evaluator(cfg, tokenizer, conversations: list, labels: list[str]):
-    """Generate answers for held-out prompts and score them (label accuracy, or exact match / token F1)."""
+    """Generate answers for held-out prompts and score them with the metrics of eval.task (see
+    hone.eval.runners.evaluate_task)."""
     from hone.eval.runners import evaluate_task
     from hone.train.device import pick_device, use_bf16
 
     def evaluate(model) -> dict:
         bf16 = use_bf16(pick_device(), cfg.train.precision)
         result = evaluate_task(model, tokenizer, conversations, labels or None,
-                               max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, bf16=bf16)
+                               max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, bf16=bf16,
+                               task=cfg.eval.task, metric_names=cfg.eval.metrics,
+                               calibration_bins=cfg.eval.calibration_bins)
         result["examples"] = [{"prompt": c.prompt_messages()[-1].content if c.prompt_messages() else "",
                                "reference": c.reference(), "output": o}
                               for c, o in zip(conversations, result["outputs"])]

@@ -178,11 +178,23 @@ def _finish(model, tok):
     return model, tok
 
 
+# Runs whose final/ is not a causal LM, and how to load them instead.
+NOT_CAUSAL_LM = {
+    "reward": "a reward model (a score head); load it with hone.methods.reward.load_scorer(run_dir), or name it "
+              "as rlhf.reward",
+    "contrastive": "a sentence encoder; load it with hone.methods.contrastive.load_encoder(run_dir) "
+                   "(or sentence-transformers)",
+}
+
+
 def _load_run(run_dir: Path, dtype) -> Loaded:
     """A run's final weights: full weights load as a directory; an adapter loads over the run's base."""
     import yaml
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if cfg.get("method") in NOT_CAUSAL_LM:
+        raise ModelError(f"{run_dir} is a `method: {cfg['method']}` run: {NOT_CAUSAL_LM[cfg['method']]}, not a "
+                         "language model that generates text")
     final = run_dir / "final"
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -190,6 +202,7 @@ def _load_run(run_dir: Path, dtype) -> Loaded:
         base = load_model(cfg["model"]["base"], allow_download=cfg["model"].get("allow_download", False),
                           trust_remote_code=cfg["model"].get("trust_remote_code", False), dtype=dtype)
         model = PeftModel.from_pretrained(base.model, final, is_trainable=False)
+        model.requires_grad_(False)  # peft leaves a reloaded prefix/prompt encoder trainable
         model.eval()
         return Loaded(model, base.tokenizer, description=f"run:{run_dir}", run_config=cfg)
     if (final / "config.json").is_file():
