@@ -101,7 +101,7 @@ def queued_jobs(store: Store, n: int) -> list[str]:
 def test_migration_creates_the_schema(store, settings):
     assert TABLES <= set(inspect(store.engine).get_table_names())
     with store.engine.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"  # 0002: audit_events
         if not store.is_postgres:
             assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
             assert c.execute(text("PRAGMA foreign_keys")).scalar() == 1

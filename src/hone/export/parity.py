@@ -39,13 +39,13 @@ DEFAULT_PROMPTS = [
 ]
 
 # Per format (and GGUF type): the largest max |logit difference| / logit scale, the lowest top-1 agreement,
-# and whether greedy answers must be identical. Lossless formats are held to float32 round-off; the lossy
-# GGUF types' bounds are what the embedded model and the tiny test model measured (notes/export.md), with
-# margin. Unlisted GGUF types (q5_*, q4_*) are checked only for template and stop behaviour; their logit
+# and whether greedy answers must be identical. Lossless formats are held to float32 round-off. Lossy GGUF
+# types, measured on the embedded SmolLM2 LoRA run (notes/export.md): f16 1.7e-3 / top-1 1.0, q8_0 4.3e-2 /
+# 0.984; bounds set with margin (bf16 is not measured on it: f16's bound scaled by bf16's 8x coarser mantissa). Unlisted GGUF types (q5_*, q4_*) are checked only for template and stop behaviour; their logit
 # figures are reported.
 TOLERANCES = {
     "hf": (1e-4, 0.999, True), "peft": (1e-4, 0.999, True), "f32": (1e-4, 0.999, True),
-    "bf16": (0.05, 0.90, False), "f16": (0.01, 0.97, False), "q8_0": (0.05, 0.90, False),
+    "bf16": (0.05, 0.90, False), "f16": (0.01, 0.97, False), "q8_0": (0.1, 0.95, False),
 }
 LOSSY_UNCHECKED = (float("inf"), 0.0, False)
 

@@ -8,6 +8,7 @@ log can append its row in the same transaction (nothing recorded for a change th
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,11 +20,14 @@ class Action:
     action: str            # e.g. file.create, job.create, job.cancel, model.delete, key.create, key.revoke
     object_type: str
     object_id: str
-    project_id: str
+    project_id: str | None
     key_id: str | None
     role: str | None
     at: float = field(default_factory=time.time)
     detail: dict = field(default_factory=dict)
+    outcome: str = "success"
+    request_id: str | None = None
+    ip: str | None = None
 
 
 class Actions:
@@ -39,8 +43,20 @@ class Actions:
             hook(action, session)
 
 
-def record(request: Request, session, action: str, object_type: str, object_id: str, **detail) -> Action:
-    p = request.state.principal
-    a = Action(action, object_type, object_id, p.project_id, p.key_id, p.role, detail=detail)
+def request_id(request: Request) -> str:
+    """The caller's X-Request-ID (trimmed to 64 characters), else one made up for this request."""
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        rid = (request.headers.get("x-request-id") or "").strip()[:64] or uuid.uuid4().hex
+        request.state.request_id = rid
+    return rid
+
+
+def record(request: Request, session, action: str, object_type: str, object_id: str, *,
+           outcome: str = "success", **detail) -> Action:
+    p = getattr(request.state, "principal", None)
+    a = Action(action, object_type, object_id, p.project_id if p else None, p.key_id if p else None,
+               p.role if p else None, detail=detail, outcome=outcome, request_id=request_id(request),
+               ip=request.client.host if request.client else None)
     request.app.state.actions.emit(a, session)
     return a

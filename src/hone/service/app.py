@@ -19,8 +19,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from hone import __version__
-from hone.service import auth, files, jobs, models_routes
-from hone.service.actions import Actions
+from hone.service import audit, auth, files, jobs, models_routes
+from hone.service.actions import Actions, record
 from hone.service.errors import APIError, install_handlers
 from hone.service.settings import Settings
 from hone.service.storage import FileStore
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None, *, store=None) -> FastAPI:
     app.middleware("http")(_body_limit)
     for router in (auth.router, files.router, jobs.router, models_routes.router):
         app.include_router(router)
+    audit.install(app)
     mount_inference(app)
     return app
 
@@ -86,10 +87,16 @@ def mount_inference(app: FastAPI) -> bool:
         return False
 
     def resolve(model_id: str, request: Request) -> str:
+        # Every chat/completion request is a model use: audited whether or not the model is found.
         try:
-            return engine_key(app.state.model_resolver(request.state.principal.project_id, model_id))
+            key = engine_key(app.state.model_resolver(request.state.principal.project_id, model_id))
         except APIError as e:
+            with app.state.store.session() as s:
+                record(request, s, "model.use", "model", model_id, outcome="not_found", path=request.url.path)
             raise ModelNotFoundError(model_id) from e
+        with app.state.store.session() as s:
+            record(request, s, "model.use", "model", model_id, path=request.url.path)
+        return key
 
     router = inference_router(resolve, auth_dependency=auth.member)
     app.include_router(router)

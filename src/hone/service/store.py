@@ -143,6 +143,35 @@ class Model(Base):
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
+class AuditEvent(Base):
+    """One audit record: append-only (the ORM refuses updates and deletes; PostgreSQL also has a trigger)."""
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_project_at", "project_id", "at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, default=now)
+    # No foreign keys: the record outlives the key, project or object it names.
+    project_id: Mapped[str | None] = mapped_column(String(64))
+    key_id: Mapped[str | None] = mapped_column(String(64))
+    role: Mapped[str | None] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    object_type: Mapped[str] = mapped_column(String(64))
+    object_id: Mapped[str] = mapped_column(String(255), index=True)
+    outcome: Mapped[str] = mapped_column(String(32))     # success | not_found | integrity_error | ...
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    ip: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict | None] = mapped_column(JSON)
+
+
+class AppendOnlyError(RuntimeError):
+    pass
+
+
+@event.listens_for(AuditEvent, "before_update")
+@event.listens_for(AuditEvent, "before_delete")
+def _refuse_audit_change(_mapper, _conn, target):
+    raise AppendOnlyError(f"audit_events is append-only: event {target.id} cannot be changed or deleted")
+
+
 @event.listens_for(Engine, "connect")
 def _sqlite_pragmas(dbapi_conn, _record):
     # Only SQLite connections: WAL lets readers run beside the writer; foreign keys are off by default there.
