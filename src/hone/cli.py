@@ -2,7 +2,8 @@
 
 Exit codes: 0 success (for `hone train`: and every eval.targets met, or none given), 1 the run failed, 2 bad
 input (config, data, model path; also a gate target naming a metric the run did not produce), 3 `hone train`
-finished but missed an eval.targets target (the evaluation gate), 130/143 interrupted by Ctrl-C/SIGTERM after
+finished but missed an eval.targets target (the evaluation gate), 4 `hone export` wrote an export that failed
+its parity check against the trained model, 130/143 interrupted by Ctrl-C/SIGTERM after
 saving a checkpoint.
 """
 

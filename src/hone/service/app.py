@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None, *, store=None) -> FastAPI:
                   lifespan=_lifespan)
     app.state.settings = settings
     app.state.store = store
-    app.state.files = FileStore(settings.data_dir / "files")
+    app.state.files = FileStore.from_settings(settings)  # sealed with AES-GCM (storage.py)
     app.state.actions = Actions()
     app.state.model_resolver = models_routes.make_resolver(store)
     install_handlers(app)

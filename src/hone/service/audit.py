@@ -12,14 +12,19 @@ change it describes. Rows are never updated or deleted: there are no such routes
 from __future__ import annotations
 
 import json
+import logging
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 
-from hone.service.actions import Action
+from hone.service.actions import Action, record
 from hone.service.auth import Principal, admin
+from hone.service.errors import APIError
+from hone.service.storage import StorageError, StoredFileCorrupt
 from hone.service.store import AuditEvent
+
+log = logging.getLogger("hone.service.audit")
 
 router = APIRouter()
 MAX_PAGE = 1000
@@ -36,6 +41,17 @@ def write_event(action: Action, session) -> None:
 def install(app: FastAPI) -> None:
     app.state.actions.add_hook(write_event)
     app.include_router(router)
+
+    @app.exception_handler(StorageError)
+    async def _storage_error(request: Request, exc: StorageError):
+        """A stored file that fails its integrity check (or whose key is missing) is a 500 with that message,
+        and an audit event; its bytes are never sent."""
+        outcome = "integrity_error" if isinstance(exc, StoredFileCorrupt) else "key_unavailable"
+        log.error("%s: %s", outcome, exc.message)
+        with app.state.store.session() as s:
+            record(request, s, "file.read", "file", exc.object_id, outcome=outcome, path=request.url.path)
+        code = "integrity_check_failed" if isinstance(exc, StoredFileCorrupt) else "encryption_key_unavailable"
+        return JSONResponse(APIError(500, exc.message, code=code).body(), status_code=500)
 
 
 def event_json(e: AuditEvent) -> dict:

@@ -3,7 +3,8 @@
     hone api [--host 127.0.0.1 --port 8000 --db URL --data-dir DIR --train-set train.threads=2]
     hone api create-key --project P --role admin|member|viewer [--name N]
     hone api add-base NAME PATH           register a base model (a local HF directory or .gguf file)
-    hone worker [--db URL --data-dir DIR --once]
+    hone api rotate-key [--key-file F] [--encrypt-plaintext]   re-encrypt stored files under a new key
+    hone worker [--db URL --data-dir DIR --key-file F --once]
 
 Each opens the database named by --db (or $HONE_DB), else SQLite at <data-dir>/hone.db, and upgrades it to
 the newest schema first.
@@ -25,9 +26,14 @@ _DB = typer.Option(None, "--db", help="Database URL (sqlite:///... or postgresql
                                        "$HONE_DB, else SQLite at <data-dir>/hone.db.")
 _DATA = typer.Option(None, "--data-dir", help="Where uploads, job data and runs are kept; default: "
                                               "$HONE_DATA_DIR, else ./hone-data.")
+_KEYS = typer.Option(None, "--key-file", help="Encryption keys for stored files (JSON, created with mode 0600 "
+                                              "if absent); default $HONE_KEY_FILE, else "
+                                              "<data-dir>/encryption-keys.json. $HONE_ENCRYPTION_KEY, when set, "
+                                              "is used instead.")
 
 
-def _settings(db: Optional[str], data_dir: Optional[Path], train_set: list[str] | None = None):
+def _settings(db: Optional[str], data_dir: Optional[Path], train_set: list[str] | None = None,
+              key_file: Optional[Path] = None):
     from hone.config import ConfigError, apply_overrides
     from hone.service.settings import Settings
 
@@ -36,6 +42,8 @@ def _settings(db: Optional[str], data_dir: Optional[Path], train_set: list[str] 
         s.data_dir = Path(data_dir)
     if db:
         s.db_url = db
+    if key_file is not None:
+        s.key_file = Path(key_file)
     try:
         s.train_defaults = apply_overrides({}, train_set or [])
     except ConfigError as e:
@@ -56,7 +64,7 @@ def _open(settings):
 def api(ctx: typer.Context,
         host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
         port: int = typer.Option(8000, help="Port to listen on."),
-        db: Optional[str] = _DB, data_dir: Optional[Path] = _DATA,
+        db: Optional[str] = _DB, data_dir: Optional[Path] = _DATA, key_file: Optional[Path] = _KEYS,
         train_set: list[str] = typer.Option([], "--train-set", help=(
             "Default for every job's run config, KEY=VALUE as `hone train --set` (e.g. train.threads=2); "
             "a job's own hyperparameters override it."))):
@@ -67,8 +75,11 @@ def api(ctx: typer.Context,
 
     from hone.service.app import create_app
 
-    settings = _settings(db, data_dir, train_set)
-    app = create_app(settings, store=_open(settings))
+    settings = _settings(db, data_dir, train_set, key_file)
+    try:
+        app = create_app(settings, store=_open(settings))
+    except ValueError as e:  # a malformed key file or $HONE_ENCRYPTION_KEY
+        fail(str(e))
     out.print(f"hone api on http://{host}:{port}/v1 (database {settings.database_url}, data {settings.data_dir})")
     uvicorn.run(app, host=host, port=port, log_level="info")
 
@@ -106,7 +117,29 @@ def add_base_cmd(name: str = typer.Argument(..., help="The model id jobs and cha
     out.print(f"base model {row.id} -> {row.base_path}")
 
 
-def worker_command(db: Optional[str] = _DB, data_dir: Optional[Path] = _DATA,
+@api_app.command("rotate-key")
+def rotate_key_cmd(data_dir: Optional[Path] = _DATA, key_file: Optional[Path] = _KEYS,
+                   encrypt_plaintext: bool = typer.Option(False, "--encrypt-plaintext", help=(
+                       "Also encrypt stored files written before encryption at rest (unencrypted blobs)."))):
+    """Re-encrypt every stored file under a new key. Key file: a new key is added (old ones stay readable
+    while this runs), every file is re-sealed, then the old keys are dropped. $HONE_ENCRYPTION_KEY: put the new
+    key first and the old ones after it, run this, then remove the old ones."""
+    from hone.service.storage import FileStore, rotate
+
+    settings = _settings(None, data_dir, key_file=key_file)
+    try:
+        store = FileStore.from_settings(settings)
+        counts = rotate(store, encrypt_plaintext)
+    except ValueError as e:
+        fail(str(e))
+    except Exception as e:  # a blob that fails its check or has no key: nothing more is re-sealed
+        fail(f"rotation stopped: {e}")
+    out.print(f"re-encrypted {counts['resealed']} file(s) under key {counts['new_key_id']} "
+              f"({counts['current']} already under it, {counts['plaintext_left']} unencrypted left); "
+              f"old key ids: {', '.join(counts['old_key_ids']) or 'none'}")
+
+
+def worker_command(db: Optional[str] = _DB, data_dir: Optional[Path] = _DATA, key_file: Optional[Path] = _KEYS,
                    once: bool = typer.Option(False, "--once", help="Run at most one queued job, then exit.")):
     """Claim queued fine-tuning jobs and run them (several workers may share one PostgreSQL database).
 
@@ -114,8 +147,11 @@ def worker_command(db: Optional[str] = _DB, data_dir: Optional[Path] = _DATA,
     worker resumes it."""
     from hone.service.worker import Worker
 
-    settings = _settings(db, data_dir)
-    worker = Worker(settings, store=_open(settings))
+    settings = _settings(db, data_dir, key_file=key_file)
+    try:
+        worker = Worker(settings, store=_open(settings))
+    except ValueError as e:  # a malformed key file or $HONE_ENCRYPTION_KEY
+        fail(str(e))
     worker.stop_on_signals()
     out.print(f"hone worker {worker.id} (database {settings.database_url})")
     n = worker.run(once=once)

@@ -27,9 +27,16 @@ class Settings:
     poll_seconds: float = 2.0
     # Merged into every job's generated training config (e.g. {"train": {"threads": 2}}).
     train_defaults: dict = field(default_factory=dict)
+    # Encryption keys for stored files (storage.Keyring): $HONE_ENCRYPTION_KEY if set, else this key file
+    # (created 0600 on first start); None means <data_dir>/encryption-keys.json.
+    key_file: Path | None = field(default_factory=lambda: os.environ.get("HONE_KEY_FILE") or None)
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir)
+
+    @property
+    def key_path(self) -> Path:
+        return Path(self.key_file) if self.key_file else self.data_dir / "encryption-keys.json"
 
     @property
     def database_url(self) -> str:

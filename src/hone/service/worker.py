@@ -52,7 +52,7 @@ class Worker:
     def __init__(self, settings: Settings, store=None, worker_id: str | None = None):
         self.settings = settings
         self.store = store or open_store(settings)
-        self.files = FileStore(settings.data_dir / "files")
+        self.files = FileStore.from_settings(settings)
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = False  # set by SIGTERM/SIGINT (see stop_on_signals): hand the job back and exit
         self.handed_back: list[str] = []  # jobs re-queued because this worker was stopping
