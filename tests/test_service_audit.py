@@ -9,8 +9,11 @@ from sqlalchemy import select, text
 
 from hone.service.store import AppendOnlyError, AuditEvent
 from test_service_api import (ROWS, add_model, auth, create_job, jsonl, project_id, route_table,  # noqa: F401
-                              svc, upload)
+                              upload)
+import test_service_api
 from test_service_store import postgres_db, postgres_server  # noqa: F401  (fixtures)
+
+svc = test_service_api.svc  # the same fixture (sqlite, and postgres when a server starts)
 
 
 def events(svc, project="a", **params):
@@ -39,9 +42,8 @@ def test_each_mutating_action_leaves_its_event(svc):
                    ("model.delete", "model", "ft:tiny:x:abc", "success"),
                    ("model.use", "model", "no-such-model", "not_found")]
     by_action = {e["action"]: e for e in events(svc)}
-    keys = {"member": project_id(svc, "a")}
     assert by_action["job.create"]["request_id"] == "req-42"
-    assert by_action["job.create"]["project_id"] == keys["member"] and by_action["job.create"]["role"] == "member"
+    assert by_action["job.create"]["project_id"] == project_id(svc, "a") and by_action["job.create"]["role"] == "member"
     assert by_action["key.create"]["role"] == "admin" and by_action["key.create"]["key_id"]
     assert by_action["file.create"]["detail"]["filename"] == "train.jsonl" and by_action["file.create"]["ip"]
     assert events(svc, "b") == []  # another project's admin sees none of them

@@ -13,8 +13,11 @@ from typer.testing import CliRunner
 from hone.cli import app as cli_app
 from hone.service.settings import Settings
 from hone.service.storage import CHUNK, MAGIC, FileStore, Keyring, KeyUnavailable, StoredFileCorrupt, rotate
-from test_service_api import ROWS, auth, jsonl, svc, upload  # noqa: F401
+from test_service_api import ROWS, auth, jsonl, upload
+import test_service_api
 from test_service_store import postgres_db, postgres_server  # noqa: F401  (fixtures)
+
+svc = test_service_api.svc  # the same fixture (sqlite, and postgres when a server starts)
 
 
 def plain_file(tmp_path, data: bytes, name="src.jsonl"):

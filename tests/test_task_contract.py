@@ -115,3 +115,12 @@ def test_line_problems_come_before_a_too_small_split(tmp_path):
     with pytest.raises(DataProblems) as err:
         validate_method_data(cfg, parse, "'chosen' and 'rejected'")
     assert f"{data}:2:" in str(err.value)
+
+
+@pytest.mark.parametrize("name, lower", [("latency_per_request", True), ("prompt_tokens_per_request", True),
+                                         ("seconds_per_example", True), ("ece", True), ("accuracy", False),
+                                         ("tokens_per_second", False), ("recall_at_1", False)])
+def test_cost_metrics_read_as_lower_is_better(name, lower):
+    from hone.eval.report import lower_is_better
+
+    assert lower_is_better(name) == lower

@@ -35,7 +35,7 @@ from hone.eval.metrics import INVALID, exact_match, label_key, match_label, toke
 
 FRACTION_METRICS = ("accuracy", "macro_f1", "exact_match", "token_f1", "precision", "recall", "f1", "mrr",
                     "agreement", "ece")
-LOWER_IS_BETTER = ("seconds", "perplexity", "invalid", "loss")
+LOWER_IS_BETTER = ("seconds", "perplexity", "invalid", "loss", "latency", "tokens_per_request")
 LOWER_IS_BETTER_WORDS = ("ece", "brier")  # whole words of a key only: "ece" is inside unrelated words
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "exact_match": "exact match",
                 "token_f1": "token F1", "seconds": "eval seconds", "invalid": "invalid answers",

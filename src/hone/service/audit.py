@@ -3,7 +3,9 @@
 `install(app)` registers a hook on `app.state.actions`, so every `actions.record(...)` call (every mutating
 route, and model use from the inference routes) appends one `audit_events` row in the same transaction as the
 change it describes. Rows are never updated or deleted: there are no such routes, the ORM refuses both
-(store.AuditEvent), and on PostgreSQL a trigger refuses them too (migration 0002).
+(store.AuditEvent), and on PostgreSQL a trigger refuses them too (migration 0002). A stored file that fails
+its integrity check on a read (storage.StoredFileCorrupt) answers 500 and leaves a `file.read` event with
+outcome `integrity_error` (`key_unavailable` when its key is missing).
 
     GET /v1/audit          ?action=&object_type=&object_id=&since=&after=&limit=   (oldest first, by id)
     GET /v1/audit/export   the same filters, every matching row as JSONL
