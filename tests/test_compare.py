@@ -168,18 +168,9 @@ def test_recommendation_is_honest_when_prompting_is_as_good_or_better():
 
 @pytest.fixture(scope="module")
 def tiny_encoder_dir(tmp_path_factory) -> Path:
-    from transformers import BertConfig, BertModel
+    from hone.models.tiny import write_tiny_encoder
 
-    from hone.models.tiny import build_tokenizer
-
-    tok = build_tokenizer()
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("encoder") / "tiny-bert"
-    BertModel(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return write_tiny_encoder(tmp_path_factory.mktemp("encoder") / "tiny-bert", layers=1, max_positions=128)
 
 
 @pytest.fixture

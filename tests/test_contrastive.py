@@ -45,18 +45,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_encoder_dir(tmp_path_factory) -> Path:
-    from transformers import BertConfig, BertModel
+    from hone.models.tiny import write_tiny_encoder
 
-    from hone.models.tiny import build_tokenizer
-
-    tok = build_tokenizer()
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("encoder") / "tiny-bert"
-    BertModel(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return write_tiny_encoder(tmp_path_factory.mktemp("encoder") / "tiny-bert", layers=2, max_positions=64)
 
 
 @pytest.fixture

@@ -74,6 +74,21 @@ def write_tiny_model(out_dir: str | Path, **kwargs) -> Path:
     return out
 
 
+def write_tiny_encoder(out_dir: str | Path, *, layers: int = 2, max_positions: int = 64) -> Path:
+    """A tiny random BERT sentence encoder + the tiny tokenizer, saved as an HF directory (tests of methods
+    and baselines that embed text); returns the directory."""
+    from transformers import BertConfig, BertModel
+
+    tok = build_tokenizer()
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=max_positions, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    out = Path(out_dir)
+    BertModel(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m hone.models.tiny OUT_DIR")
