@@ -16,8 +16,8 @@ import yaml
 from hone.data.template import ensure_chat_template, render_prompt
 from hone.models.load import ModelError, load_model, save_hf_dir
 from hone.records import Message
-from hone.serve.engine import (Completion, GenerationRequest, IncrementalText, InferenceEngine, RequestError,
-                               held_stop_prefix, resolve_target, top_p_filter)
+from hone.serve.decode import IncrementalText, held_stop_prefix, top_p_filter
+from hone.serve.engine import Completion, GenerationRequest, InferenceEngine, RequestError, resolve_target
 
 CHAT = [{"role": "user", "content": "Where is my package?"}]
 CHAT_LONG = [{"role": "system", "content": "You are a support agent."},
