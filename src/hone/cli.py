@@ -10,6 +10,7 @@ saving a checkpoint.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -25,12 +26,14 @@ app.add_typer(data_app, name="data")
 DEMO_DIR = Path(__file__).parent / "demo_data"
 
 
-def _train(cfg, resume: bool) -> None:
+@contextmanager
+def training_errors():
+    """How a command that trains (`hone train`, and `hone compare` training its run first) ends when training
+    cannot start (exit 2), is interrupted after a checkpoint (128 + signal), or fails (exit 1)."""
     from hone.train.loop import Interrupted, TrainingFailed
-    from hone.train.run import run_training
 
     try:
-        outcome = run_training(cfg, resume=resume)
+        yield
     except user_errors() as e:
         fail(str(e))
     except Interrupted as e:
@@ -38,6 +41,13 @@ def _train(cfg, resume: bool) -> None:
         raise typer.Exit(128 + e.signum)
     except TrainingFailed as e:
         fail(str(e), code=1)
+
+
+def _train(cfg, resume: bool) -> None:
+    from hone.train.run import run_training
+
+    with training_errors():
+        outcome = run_training(cfg, resume=resume)
     _print_summary(outcome.run_dir, outcome.summary)
     gate = outcome.summary.get("gate")
     if gate and gate.get("error"):
@@ -350,22 +360,14 @@ def compare(config: Path = typer.Argument(..., help="Run config (YAML): the same
             out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN_DIR/compare/).")):
     """Zero-shot, few-shot and retrieval prompting vs the fine-tuned model on the same held-out set:
     metrics, tokens, latency and cost per request, and a recommendation."""
-    from hone.config import ConfigError, load_config
+    from hone.config import load_config
     from hone.eval.compare import rich_table, run_compare
-    from hone.train.loop import Interrupted, TrainingFailed
 
     quiet_libraries()
-    try:
+    with training_errors():
         cfg = load_config(config, set_)
         result = run_compare(cfg, run=str(run) if run else None, out_dir=out_dir,
                              log=lambda msg: err.print(msg, style="dim", highlight=False, markup=False))
-    except (ConfigError, *user_errors()) as e:
-        fail(str(e))
-    except Interrupted as e:
-        err.print(f"stopped; checkpoint {e.checkpoint}. Continue with: hone train CONFIG --resume")
-        raise typer.Exit(128 + e.signum)
-    except TrainingFailed as e:
-        fail(str(e), code=1)
     out.print(rich_table(result))
     out.print(result["recommendation"], highlight=False, markup=False)
     out.print(f"report: [bold]{result['paths']['html']}[/bold] (and compare.md, compare.json)")
